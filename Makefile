@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,torch,tf,image,dev
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Converts the bundled example (examples/tiny_cnn.py, built in code) with a parity check, then inspects it.
+demo: install
+	mkdir -p demo-out
+	$(VENV)/bin/mpack convert examples.tiny_cnn:make_model --input pixels:batch,3,32,32:float32 -o demo-out/tiny_cnn.onnx
+	$(VENV)/bin/mpack inspect demo-out/tiny_cnn.onnx
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo-out fixtures/build .pytest_cache

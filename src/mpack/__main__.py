@@ -1,0 +1,3 @@
+from mpack.cli import main
+
+main()

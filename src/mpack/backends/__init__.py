@@ -1,0 +1,1 @@
+"""Runners: one interface over ONNX Runtime, PyTorch and TensorFlow (see ``base.Runner``)."""

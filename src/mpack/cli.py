@@ -1,0 +1,152 @@
+"""The ``mpack`` command line: thin commands over the library.
+
+Each command parses options, builds a ``*Config``, calls one library function and renders its result. Heavy
+imports (onnx, onnxruntime, torch, tensorflow) happen inside the commands, never at module import, so
+``mpack --help`` stays fast and works without the framework extras.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mpack import __version__, console
+from mpack.errors import MpackError, ParityError
+
+app = typer.Typer(
+    name="mpack",
+    help="From a trained PyTorch or TensorFlow model to a checked ONNX package.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.out.print(f"mpack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """From a trained PyTorch or TensorFlow model to a checked ONNX package.
+
+    Exit codes: 0 ok, 2 bad input, 3 parity failure, 4 missing extra, 5 export failure.
+    """
+    _state["debug"] = debug
+
+
+def handled(json_flag: str | None = "json_out"):
+    """Map MpackError to one red line (plus hint) and its exit code; with --debug, re-raise for the traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except MpackError as exc:
+                if _state["debug"]:
+                    raise
+                if isinstance(exc, ParityError) and exc.report is not None:
+                    if json_flag and kwargs.get(json_flag):
+                        console.print_json({"passed": False, "error": exc.message, "parity": exc.report.to_dict()})
+                    else:
+                        console.render_parity(exc.report)
+                console.error(exc.message, exc.hint)
+                raise typer.Exit(exc.exit_code) from None
+
+        return inner
+
+    return wrap
+
+
+@app.command()
+@handled()
+def convert(
+    source: Annotated[str, typer.Argument(help="Model file (.pt/.pth TorchScript or torch.save, .pt2, .keras, .h5, "
+                                               ".tflite), SavedModel directory, or package.module:factory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+    input_: Annotated[Optional[list[str]], typer.Option(
+        "--input", "-i", help="Input as NAME:SHAPE[:DTYPE], e.g. pixels:batch,3,32,32:float32 or "
+                              "tokens:batch,seq=16:int64. Repeat per input, in forward() order. "
+                              "Default: the model's own signature.")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (13-18).")] = 18,
+    exporter: Annotated[str, typer.Option(help="PyTorch exporter: auto (dynamo, TorchScript-based as fallback), "
+                                               "dynamo or torchscript.")] = "auto",
+    weights: Annotated[Optional[Path], typer.Option(help="state_dict to load into an entry point's module.")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
+                                                help="Make axis 0 of every input symbolic.")] = True,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check parity against the source.")] = True,
+    atol: Annotated[Optional[list[str]], typer.Option(
+        help="Absolute tolerance, global (1e-4) or per output (NAME=1e-3). Default 1e-4.")] = None,
+    rtol: Annotated[Optional[list[str]], typer.Option(
+        help="Relative tolerance, global or NAME=VALUE. Default 1e-3.")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes the parity check runs at.")] = "1,4",
+    seed: Annotated[int, typer.Option(help="Seed of the parity inputs.")] = 0,
+    external_data: Annotated[str, typer.Option(
+        help="Store weights in a separate .onnx.data file: auto (above 1.8 GiB), always, never.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Convert a PyTorch or TensorFlow model to ONNX, check it and verify parity.
+
+    Example: mpack convert model.pt2 -o model.onnx
+    """
+    from mpack import convert as convert_mod
+    from mpack.parity import parse_tolerances
+    from mpack.specs import parse_input_spec
+
+    cfg = convert_mod.ConvertConfig(
+        source=source, output=output,
+        inputs=tuple(parse_input_spec(text) for text in input_) if input_ else None,
+        opset=opset, exporter=exporter, weights=weights, dynamic_batch=dynamic_batch, verify=verify,
+        tolerances=parse_tolerances(atol, rtol), batch_sizes=_int_list("--batch-sizes", batch_sizes), seed=seed,
+        external_data=external_data)
+    with console.err.status("converting", spinner="dots") as status:
+        result = convert_mod.run(cfg, progress=lambda message: status.update(message))
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_convert(result)
+
+
+@app.command()
+@handled()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The .onnx file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Show an ONNX model's inputs, outputs, opsets, size, parameters, operators and manifest."""
+    from mpack import inspection
+
+    result = inspection.run(model)
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_inspect(result)
+
+
+def _int_list(field: str, text: str) -> tuple[int, ...]:
+    from mpack.errors import ConfigError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(field, text, "is not a comma-separated list of integers", hint="e.g. 1,4") from None
+    if not values or min(values) < 1:
+        raise ConfigError(field, text, "must list positive integers", hint="e.g. 1,4")
+    return values
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,65 @@
+"""One error hierarchy for mpack.
+
+Every error a user can cause is an :class:`MpackError`. The CLI maps it once (in ``cli.py``) to a single red line
+on stderr plus a hint, and to the ``exit_code`` below; anything else that escapes is a bug and keeps its traceback.
+
+Exit codes (documented in README.md, N.B. keep both in step):
+    0  success
+    1  internal error (a bug: please report it)
+    2  usage or bad input (a file, an option, a model that cannot be loaded)
+    3  parity failure (an output differs beyond tolerance, or has the wrong shape)
+    4  a missing optional dependency (the message names the extra to install)
+    5  export failure (the exporter could not convert the model)
+"""
+
+from __future__ import annotations
+
+
+class MpackError(Exception):
+    """Base class of every error a user can act on.
+
+    Args:
+        message: One line naming the problem.
+        hint: One line naming the fix. Defaults to None.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class ConfigError(MpackError):
+    """An option or a config value is invalid."""
+
+    def __init__(self, field: str, value: object, problem: str, hint: str | None = None) -> None:
+        super().__init__(f"{field} {value!r}: {problem}", hint)
+        self.field = field
+        self.value = value
+
+
+class InputFileError(MpackError):
+    """A file given on the command line is missing, unreadable or of the wrong kind."""
+
+
+class MissingDependencyError(MpackError):
+    exit_code = 4
+
+
+class ExportError(MpackError):
+    exit_code = 5
+
+
+class ParityError(MpackError):
+    """Raised after a failed parity check; ``report`` carries the figures for rendering."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: object = None, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.report = report
