@@ -18,7 +18,8 @@ from mpack.errors import MpackError, ParityError
 
 app = typer.Typer(
     name="mpack",
-    help="From a trained PyTorch or TensorFlow model to a checked ONNX package.",
+    help="From a trained PyTorch or TensorFlow model to a checked ONNX package.\n\n"
+         "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 parity failure, 4 missing extra, 5 export failure.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -40,10 +41,6 @@ def _main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
 ) -> None:
-    """From a trained PyTorch or TensorFlow model to a checked ONNX package.
-
-    Exit codes: 0 ok, 2 bad input, 3 parity failure, 4 missing extra, 5 export failure.
-    """
     _state["debug"] = debug
 
 

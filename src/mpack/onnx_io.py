@@ -53,8 +53,30 @@ def external_files(model) -> list[str]:
                    for e in t.external_data if e.key == "location"})
 
 
-def finalize(src: Path, dest: Path, external_data: str = "auto",
-             threshold: int = EXTERNAL_DATA_THRESHOLD) -> OnnxFacts:
+def rename_dims(model, specs: list[TensorSpec]) -> None:
+    """Give the graph's symbolic dims the names of ``specs`` (matched by input name and axis), everywhere.
+
+    Exporters name dims after their own symbols (``s52``, ``unk__3``); the specs carry the names users chose.
+    """
+    mapping: dict[str, str] = {}
+    by_name = {s.name: s for s in specs}
+    for value in model.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if dim.dim_param and isinstance(want, str):
+                mapping.setdefault(dim.dim_param, want)
+    if not mapping:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+
+
+def finalize(src: Path, dest: Path, external_data: str = "auto", threshold: int = EXTERNAL_DATA_THRESHOLD,
+             specs: list[TensorSpec] | None = None) -> OnnxFacts:
     """Load an exported model, run the full checker and shape inference, and save it to ``dest``.
 
     Args:
@@ -62,6 +84,7 @@ def finalize(src: Path, dest: Path, external_data: str = "auto",
         dest: Where to write; its directory must be private to this run (the caller renames into place).
         external_data: "auto" (external when weights exceed ``threshold``), "always" or "never".
         threshold: Weight bytes above which "auto" uses external data. Defaults to 1.8 GiB.
+        specs: Input specs whose symbolic dim names the graph should carry. Defaults to leaving names as they are.
 
     Raises:
         ExportError: when the model fails ``onnx.checker``.
@@ -69,6 +92,8 @@ def finalize(src: Path, dest: Path, external_data: str = "auto",
     import onnx
 
     model = onnx.load(str(src))
+    if specs:
+        rename_dims(model, specs)
     weights = initializer_bytes(model)
     external = external_data == "always" or (external_data == "auto" and weights > threshold)
     if external_data == "never" and weights > threshold:
@@ -78,7 +103,7 @@ def finalize(src: Path, dest: Path, external_data: str = "auto",
         if external:
             location = dest.name + ".data"
             onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=0)
+                            location=location)
             del model
             onnx.checker.check_model(str(dest), full_check=True)
             onnx.shape_inference.infer_shapes_path(str(dest), str(dest))

@@ -235,7 +235,8 @@ def run(cfg: ConvertConfig, progress: Callable[[str], None] | None = None) -> Co
         t0 = time.perf_counter()
         final_dir = work / "final"
         final_dir.mkdir()
-        facts = finalize(exported.onnx_path, final_dir / cfg.output.name, cfg.external_data)
+        facts = finalize(exported.onnx_path, final_dir / cfg.output.name, cfg.external_data,
+                         specs=exported.input_specs)
         seconds["check"] = time.perf_counter() - t0
         report = None
         if cfg.verify:

@@ -12,8 +12,11 @@ import contextlib
 import importlib
 import io
 import logging
+import os
+import pickle
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,16 +32,29 @@ _ATEN_OP = re.compile(r"aten(?:::|\.)([A-Za-z0-9_]+)")
 
 @contextlib.contextmanager
 def quiet():
-    """Keep exporter noise (FutureWarnings, progress prints, 'torchvision is not installed') off the terminal."""
+    """Keep exporter noise off the terminal: FutureWarnings, progress prints, 'torchvision is not installed'
+    log lines, and the TorchScript exporter's C++ graph dumps, which go straight to file descriptor 1 (and would
+    corrupt --json output)."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    sink = tempfile.TemporaryFile()
+    for fd in saved:
+        os.dup2(sink.fileno(), fd)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        sink.close()
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -47,6 +63,7 @@ def load_source(req: ExportRequest):
     """Load the PyTorch object behind ``req.source``: an ``nn.Module``, ScriptModule or ExportedProgram."""
     torch = require("torch")
     path = Path(req.source)
+    _cwd_on_path()
     try:
         if req.kind == "torchscript":
             return torch.jit.load(str(path), map_location="cpu")
@@ -59,7 +76,11 @@ def load_source(req: ExportRequest):
             obj = _call_entry_point(req.source)
     except MpackError:
         raise
-    except (RuntimeError, ValueError, EOFError, OSError, KeyError) as exc:
+    except (ModuleNotFoundError, AttributeError) as exc:  # unpickling needs the model's class importable
+        raise InputFileError(f"{req.source} cannot be unpickled: {_first_line(exc)}",
+                             hint="run mpack where the model's class is importable, or use an entry point "
+                                  "(package.module:factory)") from None
+    except (RuntimeError, ValueError, EOFError, OSError, KeyError, pickle.UnpicklingError) as exc:
         raise InputFileError(f"{req.source} is not a readable {req.kind.replace('-', ' ')} file: "
                              f"{_first_line(exc)}", hint="check the file; mpack reads torch.save, "
                              "torch.jit.save and torch.export.save outputs") from None
@@ -75,11 +96,14 @@ def load_source(req: ExportRequest):
     return obj.eval()
 
 
-def _call_entry_point(source: str):
-    module_name, _, attr = source.partition(":")
-    # Like uvicorn and gunicorn: entry points resolve against the current directory first.
+def _cwd_on_path() -> None:
+    """Like uvicorn and gunicorn: entry points and pickled classes resolve against the current directory first."""
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+
+
+def _call_entry_point(source: str):
+    module_name, _, attr = source.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an entry point's own import can raise anything; it is the user's code
@@ -116,7 +140,8 @@ def _load_weights(module, weights: Path) -> None:
 def program_input_specs(program) -> list[TensorSpec]:
     """Input specs of a ``torch.export`` program from its placeholders' fake tensors.
 
-    Each distinct symbolic size becomes a named dim: the one on axis 0 is "batch", others ``dimN``.
+    Each distinct symbolic size becomes a named dim: the one on axis 0 is "batch", others ``<input>_dim<axis>``
+    where they first appear.
     """
     names = list(program.graph_signature.user_inputs)
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
@@ -133,7 +158,8 @@ def program_input_specs(program) -> list[TensorSpec]:
                 continue
             key = str(size)
             if key not in symbols:
-                symbols[key] = "batch" if axis == 0 and "batch" not in symbols.values() else f"dim{len(symbols)}"
+                symbols[key] = ("batch" if axis == 0 and "batch" not in symbols.values()
+                                else f"{name}_dim{axis}")
             shape.append(symbols[key])
         specs.append(TensorSpec(name, tuple(shape), str(val.dtype).removeprefix("torch.")))
     return specs

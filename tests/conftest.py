@@ -1,0 +1,80 @@
+"""Shared test helpers: the CLI runner, clean-error assertions, and the fixture models built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mpack.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Gate the gpu and docker markers in one place."""
+    gpu = _has_cuda()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU with onnxruntime-gpu here"))
+
+
+def _has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers() and os.path.exists("/dev/nvidia0")
+
+
+class Result:
+    def __init__(self, result):
+        self.exit_code = result.exit_code
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+        self.exception = result.exception
+
+    def __repr__(self) -> str:
+        return f"<exit {self.exit_code}\nstdout: {self.stdout}\nstderr: {self.stderr}>"
+
+
+def mpack(*args: str) -> Result:
+    """Run the CLI in-process; returns exit code, stdout and stderr."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result)
+
+
+def assert_clean_error(result: Result, code: int, *needles: str) -> None:
+    """A one-line error (plus an optional hint line), the expected exit code, no traceback."""
+    assert result.exit_code == code, result
+    text = result.stderr
+    assert "Traceback" not in text + result.stdout, result
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    error_lines = [ln for ln in lines if ln.startswith("error:")]
+    assert len(error_lines) == 1, result
+    for needle in needles:
+        assert needle.lower() in text.lower(), (needle, result)
+
+
+def assert_nothing_written(directory: Path, before: set[str] | None = None) -> None:
+    """No model, manifest or temporary directory was left behind."""
+    left = {p.name for p in directory.iterdir()} - (before or set())
+    assert not left, left
+
+
+@pytest.fixture(scope="session")
+def torch_fixtures(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("torch")
+    from fixtures.torch_models import make_torch_fixtures
+
+    return make_torch_fixtures(tmp_path_factory.mktemp("torch-fixtures"))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    # Entry points (fixtures.torch_models:make_mlp) and pickled classes resolve against the working directory.
+    monkeypatch.chdir(REPO)
