@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "onnxscript": ("the dynamo ONNX exporter", "torch"),
     "tensorflow": ("TensorFlow models", "tf"),
     "tf2onnx": ("TensorFlow models", "tf"),
+    "keras": ("Keras models", "tf"),
 }
 
 # The `onnxruntime` module ships in two distributions that overwrite each other; either one satisfies us.

@@ -63,3 +63,11 @@ class ParityError(MpackError):
     def __init__(self, message: str, report: object = None, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.report = report
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, without ANSI colours, for one-line errors."""
+    import re
+
+    text = str(exc).strip() or type(exc).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])[:limit]

@@ -31,12 +31,7 @@ def import_tensorflow():
 def import_keras():
     """Import Keras (3) after TensorFlow, or raise a MissingDependencyError naming the ``tf`` extra."""
     import_tensorflow()
-    try:
-        import keras
-    except ImportError as exc:
-        raise MissingDependencyError(f"Keras models need the Python package 'keras', which is not installed ({exc})",
-                                     hint="install it with: pip install 'mpack[tf]'") from None
-    return keras
+    return require("keras")
 
 
 def keras_output_names(model, count: int) -> list[str]:

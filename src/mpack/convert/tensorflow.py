@@ -19,13 +19,8 @@ Naming (N.B. ``backends/tensorflow.py`` returns outputs under the same names):
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import os
 import re
-import sys
-import tempfile
-import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +32,8 @@ import numpy as np
 from mpack._optional import require
 from mpack.backends.base import BaseRunner
 from mpack.convert.base import ExportedModel, ExportRequest
-from mpack.errors import ConfigError, ExportError, InputFileError, MpackError
+from mpack._quiet import silenced
+from mpack.errors import ConfigError, ExportError, InputFileError, MpackError, first_line
 from mpack.inputs import DEFAULT_BATCH_SIZES
 from mpack.specs import TensorSpec
 
@@ -189,7 +185,7 @@ class _KerasSource(_Source):
         try:
             self.model = keras.models.load_model(self.path, compile=False)
         except Exception as exc:  # Keras raises ValueError, OSError, TypeError, KeyError... for a bad file
-            raise InputFileError(f"{self.path} cannot be loaded as a {what}: {_first_line(exc)}",
+            raise InputFileError(f"{self.path} cannot be loaded as a {what}: {first_line(exc)}",
                                  hint="check that the file is complete and that custom layers are registered "
                                       "(keras.saving.register_keras_serializable)") from None
         inputs = getattr(self.model, "inputs", None)
@@ -252,7 +248,7 @@ class _SavedModelSource(_Source):
         try:
             saved = loader_impl.parse_saved_model(str(self.path))
         except Exception as exc:
-            raise InputFileError(f"{self.path} is not a valid SavedModel: {_first_line(exc)}",
+            raise InputFileError(f"{self.path} is not a valid SavedModel: {first_line(exc)}",
                                  hint="re-export the model with tf.saved_model.save or model.export") from None
         found = {k: g for g in saved.meta_graphs for k in g.signature_def if not k.startswith("_")}
         if SIGNATURE in found:
@@ -286,7 +282,7 @@ class _SavedModelSource(_Source):
                 str(self.path), None, None, tag=self.tags, signatures=[self.signature], return_concrete_func=True,
                 return_tensors_to_rename=True)
         except Exception as exc:
-            raise InputFileError(f"{self.path} cannot be loaded as a SavedModel: {_first_line(exc)}",
+            raise InputFileError(f"{self.path} cannot be loaded as a SavedModel: {first_line(exc)}",
                                  hint="check that the directory is complete (variables/ included)") from None
         self.imported = imported
         # tf2onnx names inputs after the signature's TensorSpec names; the signature is called by its keys.
@@ -323,7 +319,7 @@ class _TFLiteSource(_Source):
         try:
             interpreter = tflite_interpreter(self.path)
         except Exception as exc:
-            raise InputFileError(f"{self.path} cannot be loaded as a TFLite model: {_first_line(exc)}",
+            raise InputFileError(f"{self.path} cannot be loaded as a TFLite model: {first_line(exc)}",
                                  hint="convert the model again with tf.lite.TFLiteConverter") from None
         signatures = interpreter.get_signature_list()
         key = SIGNATURE if SIGNATURE in signatures else (next(iter(signatures)) if len(signatures) == 1 else None)
@@ -450,7 +446,7 @@ def _dynamic_problem(onnx_path: Path, runner: BaseRunner, specs: list[TensorSpec
                 with _quiet():
                     outputs = r.infer(feeds)
             except Exception as exc:
-                return f"{who} fails at {case.label} ({_first_line(exc)})"
+                return f"{who} fails at {case.label} ({first_line(exc)})"
             batch = case.sizes.get(BATCH)
             bad = [n for n, v in outputs.items() if np.ndim(v) == 0 or np.shape(v)[0] != batch]
             if bad:
@@ -469,16 +465,20 @@ def _convert(source: _Source, specs: list[TensorSpec], opset: int):
         except MpackError:
             raise
         except Exception as exc:
-            raise ExportError(f"tf2onnx could not convert {source.path}: {type(exc).__name__}: {_first_line(exc)}",
+            raise ExportError(f"tf2onnx could not convert {source.path}: {type(exc).__name__}: {first_line(exc)}",
                               hint=f"try another --opset (now {opset}); if it persists, the model uses a "
                                    "construct tf2onnx cannot handle") from None
-    unsupported = _unsupported_ops(model, log.records)
+    unsupported = _unsupported_ops(model, log)
     if unsupported:
         raise _UnsupportedOps(f"tf2onnx {require('tf2onnx').__version__} cannot convert {source.path}: no ONNX "
                               f"conversion for op(s) {', '.join(unsupported)}",
                               hint=f"replace these ops in the model (some convert only at a higher --opset; now "
                                    f"{opset})")
     return model
+
+
+def _quiet():
+    return silenced("tf2onnx", "tensorflow", "absl", "keras", "h5py")
 
 
 class _UnsupportedOps(ExportError):
@@ -665,67 +665,3 @@ def _is_hdf5(path: Path) -> bool:
 
 def _dtype_name(dtype) -> str:
     return np.dtype(getattr(dtype, "as_numpy_dtype", dtype)).name
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[_Records]:
-    """Keep TF, Keras, absl and tf2onnx chatter (Python logs, warnings, prints, C++ stderr) off the terminal.
-
-    tf2onnx's ERROR records are collected (they name unsupported ops) instead of printed.
-    """
-    handler = _Records()
-    tf2onnx_logger = logging.getLogger("tf2onnx")
-    saved = [(tf2onnx_logger, tf2onnx_logger.level, tf2onnx_logger.propagate)]
-    saved += [(lg, lg.level, lg.propagate) for lg in map(logging.getLogger, ("tensorflow", "absl", "keras", "h5py"))]
-    for lg, _, _ in saved:
-        lg.setLevel(logging.ERROR)
-    tf2onnx_logger.propagate = False
-    tf2onnx_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(), _fds_to_file(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield handler
-    finally:
-        tf2onnx_logger.removeHandler(handler)
-        for lg, level, propagate in saved:
-            lg.setLevel(level)
-            lg.propagate = propagate
-
-
-@contextlib.contextmanager
-def _fds_to_file() -> Iterator[None]:
-    """Send the process's stdout/stderr file descriptors to a scratch file (C++ logs bypass Python)."""
-    try:
-        fds = [(fd, os.dup(fd)) for fd in (1, 2)]
-    except OSError:  # no real descriptors (e.g. an embedded interpreter): nothing to redirect
-        yield
-        return
-    with tempfile.TemporaryFile() as scratch:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        for fd, _ in fds:
-            os.dup2(scratch.fileno(), fd)
-        try:
-            yield
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            for fd, copy in fds:
-                os.dup2(copy, fd)
-                os.close(copy)

@@ -8,55 +8,25 @@ fallback when dynamo fails, or the choice with ``--exporter torchscript``. A Scr
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
-import logging
-import os
 import pickle
 import re
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 from mpack._optional import require
 from mpack.backends.torch import TorchRunner, flatten_outputs
 from mpack.convert.base import ExportedModel, ExportRequest
-from mpack.errors import ConfigError, ExportError, InputFileError, MpackError
+from mpack._quiet import silenced
+from mpack.errors import ConfigError, ExportError, InputFileError, MpackError, first_line
 from mpack.inputs import export_sizes, random_feeds
 from mpack.specs import TensorSpec, with_dynamic_batch
 
 _ATEN_OP = re.compile(r"aten(?:::|\.)([A-Za-z0-9_]+)")
 
 
-@contextlib.contextmanager
 def quiet():
-    """Keep exporter noise off the terminal: FutureWarnings, progress prints, 'torchvision is not installed'
-    log lines, and the TorchScript exporter's C++ graph dumps, which go straight to file descriptor 1 (and would
-    corrupt --json output)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    sink = tempfile.TemporaryFile()
-    for fd in saved:
-        os.dup2(sink.fileno(), fd)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
-        sink.close()
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return silenced("torch.onnx", "torch._export", "torch.export", "onnxscript")
 
 
 def load_source(req: ExportRequest):
@@ -77,12 +47,12 @@ def load_source(req: ExportRequest):
     except MpackError:
         raise
     except (ModuleNotFoundError, AttributeError) as exc:  # unpickling needs the model's class importable
-        raise InputFileError(f"{req.source} cannot be unpickled: {_first_line(exc)}",
+        raise InputFileError(f"{req.source} cannot be unpickled: {first_line(exc)}",
                              hint="run mpack where the model's class is importable, or use an entry point "
                                   "(package.module:factory)") from None
     except (RuntimeError, ValueError, EOFError, OSError, KeyError, pickle.UnpicklingError) as exc:
         raise InputFileError(f"{req.source} is not a readable {req.kind.replace('-', ' ')} file: "
-                             f"{_first_line(exc)}", hint="check the file; mpack reads torch.save, "
+                             f"{first_line(exc)}", hint="check the file; mpack reads torch.save, "
                              "torch.jit.save and torch.export.save outputs") from None
     if isinstance(obj, dict) and req.kind == "pickled-module":
         raise InputFileError(f"{req.source} holds a state_dict, not a module",
@@ -107,7 +77,7 @@ def _call_entry_point(source: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an entry point's own import can raise anything; it is the user's code
-        raise InputFileError(f"cannot import '{module_name}' for entry point {source}: {_first_line(exc)}",
+        raise InputFileError(f"cannot import '{module_name}' for entry point {source}: {first_line(exc)}",
                                hint="run mpack from the directory that holds the package, or pip install it")
     factory = module
     for part in attr.split("."):
@@ -120,7 +90,7 @@ def _call_entry_point(source: str):
     try:
         return factory()
     except Exception as exc:  # the user's factory failed
-        raise InputFileError(f"entry point {source} raised {type(exc).__name__}: {_first_line(exc)}")
+        raise InputFileError(f"entry point {source} raised {type(exc).__name__}: {first_line(exc)}")
 
 
 def _load_weights(module, weights: Path) -> None:
@@ -133,7 +103,7 @@ def _load_weights(module, weights: Path) -> None:
             raise ValueError(f"it holds a {type(state).__name__}, not a state_dict")
         module.load_state_dict(state)
     except (RuntimeError, ValueError, EOFError, OSError) as exc:
-        raise ConfigError("--weights", str(weights), f"does not fit the module: {_first_line(exc)}",
+        raise ConfigError("--weights", str(weights), f"does not fit the module: {first_line(exc)}",
                           hint="save it with torch.save(model.state_dict(), path) from the same architecture") from None
 
 
@@ -191,7 +161,7 @@ def export_torch(req: ExportRequest) -> ExportedModel:
             outputs = flatten_outputs(callable_module(*args))
     except Exception as exc:  # the model rejects the inputs described by --input
         raise ConfigError("--input", " ".join(str(s) for s in specs),
-                          f"does not fit the model: {type(exc).__name__}: {_first_line(exc)}",
+                          f"does not fit the model: {type(exc).__name__}: {first_line(exc)}",
                           hint="give one --input per forward() argument, in order, with the shapes it expects") from None
     if not all(isinstance(o, torch.Tensor) for o in outputs):
         raise ExportError("the model returns non-tensor outputs", hint="return tensors (or tuples/dicts of them)")
@@ -244,7 +214,7 @@ class _ExportFailed(Exception):
         text = _full_text(exc)
         self.ops = sorted(set(_ATEN_OP.findall(text)) - {"Tensor"})
         self.summary = (f"unsupported operator {', '.join('aten::' + o for o in self.ops)}" if self.ops
-                        else f"{type(exc).__name__}: {_first_line(exc)}")
+                        else f"{type(exc).__name__}: {first_line(exc)}")
 
     def to_error(self, also: _ExportFailed | None = None) -> ExportError:
         ops = sorted(set(self.ops) | set(also.ops if also else []))
@@ -277,11 +247,6 @@ def _export(model, args, path: Path, specs: list[TensorSpec], output_names: list
         if isinstance(exc, MpackError):  # e.g. onnxscript missing
             raise
         raise _ExportFailed(route, exc) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])[:300]
 
 
 def _full_text(exc: BaseException) -> str:
