@@ -302,7 +302,8 @@ def _manifest(cfg: ConvertConfig, kind: str, exported: ExportedModel, facts: Onn
         "model": {"path": cfg.output.name, "sha256": manifest.sha256_path(model_file),
                   "size_bytes": model_file.stat().st_size + sum(
                       (model_file.parent / f).stat().st_size for f in facts.external_files),
-                  "external_data": facts.external_files},
+                  "external_data": [{"path": f, "sha256": manifest.sha256_path(model_file.parent / f)}
+                                    for f in facts.external_files]},
         "source": _source_record(cfg, kind),
         "framework": {"name": exported.framework, "version": exported.framework_version},
         "exporter": exported.exporter,
