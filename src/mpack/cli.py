@@ -133,6 +133,52 @@ def inspect(
         console.render_inspect(result)
 
 
+@app.command()
+@handled()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="The float .onnx model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The INT8 .onnx file to write.")],
+    mode: Annotated[str, typer.Option(help="auto (dynamic for MatMul-heavy graphs, static QDQ per-channel for "
+                                           "conv nets), dynamic or static.")] = "auto",
+    calibration: Annotated[Optional[str], typer.Option(
+        help="Calibration samples for static mode: a .npz keyed by input name, a directory of .npz/.npy, or "
+             "'random' (smoke tests only).")] = None,
+    method: Annotated[str, typer.Option(help="Calibration method: minmax, entropy or percentile.")] = "minmax",
+    quant_format: Annotated[str, typer.Option("--format", help="Static format: qdq or qoperator.")] = "qdq",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales.")] = True,
+    activation_type: Annotated[str, typer.Option(help="Static activations: quint8 or qint8.")] = "quint8",
+    weight_type: Annotated[str, typer.Option(help="Weights: qint8 or quint8.")] = "qint8",
+    preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess",
+                                             help="Run ONNX Runtime's shape inference + optimisation first.")] = True,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Validation samples for the accuracy figures. Default: the calibration set, else seeded random.")] = None,
+    max_drop: Annotated[Optional[list[str]], typer.Option(
+        help="Accuracy budget: cosine=DROP (default 0.01, i.e. cosine ≥ 0.99) and/or top1=DROP (e.g. 1%).")] = None,
+    fallback: Annotated[bool, typer.Option("--fallback/--no-fallback",
+                                           help="Keep the most sensitive nodes in float32 when over budget.")] = True,
+    max_excluded: Annotated[int, typer.Option(help="Most nodes the fallback may keep in float32.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of random samples.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Quantize an ONNX model to INT8 within an accuracy budget (exit 3 and nothing written when it cannot).
+
+    Example: mpack quantize model.onnx -o model.int8.onnx --calibration samples.npz
+    """
+    from mpack import quantize as quantize_mod
+
+    cfg = quantize_mod.QuantizeConfig(
+        model=model, output=output, mode=mode, calibration=calibration, method=method, quant_format=quant_format,
+        per_channel=per_channel, activation_type=activation_type, weight_type=weight_type, preprocess=preprocess,
+        data=data, budget=quantize_mod.parse_budget(max_drop), fallback=fallback, max_excluded=max_excluded,
+        seed=seed)
+    with console.err.status("quantizing", spinner="dots") as status:
+        result = quantize_mod.run(cfg, progress=lambda message: status.update(message))
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_quantize(result)
+
+
 def _int_list(field: str, text: str) -> tuple[int, ...]:
     from mpack.errors import ConfigError
 

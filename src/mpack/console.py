@@ -125,3 +125,31 @@ def render_inspect(result) -> None:
         info.add_row("created", str(m["created_at"]))
         info.add_row("history", " → ".join(m["history"]))
         out.print(info)
+
+
+def render_quantize(result) -> None:
+    for text in result.notes:
+        err.print(f"[yellow]![/] {_escape(text)}")
+    err.print(f"[dim]•[/] mode: {_escape(result.mode_reason)}")
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", str(result.output))
+    table.add_row("manifest", str(result.manifest_path))
+    table.add_row("mode", result.mode + (f" ({result.method}, {result.quant_format})" if result.method else ""))
+    table.add_row("size", f"{result.size_before / 1e6:.3f} MB → {result.size_after / 1e6:.3f} MB "
+                          f"({result.ratio:.2f}x smaller)")
+    table.add_row("quantized ops", ", ".join(f"{op} ×{n}" for op, n in result.quantized_ops.items()) or "none")
+    table.add_row("kept in float32", ", ".join(result.excluded) or "none")
+    table.add_row("budget", result.budget.describe())
+    table.add_row("validated on", f"{result.samples} samples ({result.data_source})")
+    out.print(table)
+    acc = Table(title="accuracy vs fp32", title_justify="left")
+    for col in ("output", "max abs", "cosine", "top-1 agreement"):
+        acc.add_column(col, justify="left" if col == "output" else "right")
+    for a in result.accuracy:
+        acc.add_row(a.output, _fmt(a.max_abs), f"{a.cosine:.6f}", "-" if a.top1 is None else f"{a.top1:.1%}")
+    out.print(acc)
+    if len(result.attempts) > 1:
+        err.print(f"[dim]•[/] fallback: {len(result.attempts)} attempts; kept {len(result.excluded)} node(s) in "
+                  "float32 to meet the budget")

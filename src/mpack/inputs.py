@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from mpack.errors import ConfigError, InputFileError
 from mpack.specs import (EXPORT_BATCH, TensorSpec, batch_dim_name, concrete_shape, example_size,
                          symbolic_dim_names)
 
@@ -67,3 +69,71 @@ def random_feeds(specs: list[TensorSpec], sizes: dict[str, int], seed: int = 0,
         else:
             feeds[spec.name] = rng.integers(0, int_high, shape).astype(dtype)
     return feeds
+
+
+def load_samples(path: Path, specs: list[TensorSpec], what: str = "--data") -> list[dict[str, np.ndarray]]:
+    """Read input samples from a ``.npz`` file or a directory of ``.npz`` / ``.npy`` files, checked against specs.
+
+    An ``.npz`` file holds one array per input name; a directory holds one feed per file (``.npy`` only for
+    single-input models). Every feed is checked for names, dtypes, ranks and fixed sizes.
+
+    Raises:
+        InputFileError: the path is missing, unreadable or empty.
+        ConfigError: a feed does not match the model's inputs.
+    """
+    if not path.exists():
+        raise InputFileError(f"{what} {path} does not exist", hint="give a .npz file or a directory of .npz/.npy")
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+    feeds: list[dict[str, np.ndarray]] = []
+    for file in files:
+        try:
+            if file.suffix == ".npy":
+                if len(specs) != 1:
+                    raise ConfigError(what, str(file), f"a .npy file feeds one input, the model has {len(specs)}",
+                                      hint="use .npz files keyed by input name")
+                feeds.append({specs[0].name: np.load(file, allow_pickle=False)})
+            else:
+                with np.load(file, allow_pickle=False) as archive:
+                    feeds.append({k: archive[k] for k in archive.files})
+        except (OSError, ValueError) as exc:
+            raise InputFileError(f"{what} {file} is not a readable numpy file ({exc})") from None
+    feeds = [f for f in feeds if f]
+    if not feeds:
+        raise InputFileError(f"{what} {path} holds no samples", hint="write arrays keyed by input name with np.savez")
+    for feed in feeds:
+        check_sample(feed, specs, what)
+    return feeds
+
+
+def check_sample(feed: dict[str, np.ndarray], specs: list[TensorSpec], what: str) -> None:
+    expected = [s.name for s in specs]
+    if sorted(feed) != sorted(expected):
+        raise ConfigError(what, sorted(feed), f"names do not match the model's inputs {expected}")
+    for spec in specs:
+        array = feed[spec.name]
+        if array.dtype.name != spec.dtype:
+            raise ConfigError(what, f"{spec.name}: {array.dtype.name}", f"the model expects {spec.dtype}")
+        if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
+            raise ConfigError(what, f"{spec.name}: {list(array.shape)}", f"the model expects {list(spec.shape)}")
+
+
+def random_samples(specs: list[TensorSpec], count: int, batch: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` seeded random feeds at batch size ``batch`` (other symbolic dims at their example sizes)."""
+    sizes = export_sizes(specs)
+    name = batch_dim_name(specs)
+    if name:
+        sizes[name] = batch
+    return [random_feeds(specs, sizes, seed=seed + i) for i in range(count)]
+
+
+def sha256_samples(feeds: list[dict[str, np.ndarray]]) -> str:
+    """A digest of sample data (names, dtypes, shapes and bytes), for the manifest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}:{array.dtype.name}:{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()

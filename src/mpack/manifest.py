@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -71,3 +72,15 @@ def append_step(model: Path, step: str, record: dict) -> dict:
     data.setdefault("history", []).append({"step": step, "at": now(), **record})
     write_atomic(manifest_path_for(model), data)
     return data
+
+
+def publish(final_dir: Path, output: Path) -> None:
+    """Rename a finished package from its private directory into place: data files first, then the model, then the
+    manifest, so a reader never sees a model without its weights or a manifest without its model."""
+    mpath = manifest_path_for(output)
+    for item in final_dir.iterdir():
+        if item.name not in (output.name, mpath.name):
+            os.replace(item, output.parent / item.name)
+    os.replace(final_dir / output.name, output)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(final_dir / mpath.name, mpath)

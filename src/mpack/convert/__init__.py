@@ -7,7 +7,6 @@ of every other symbolic dim) → manifest → rename everything into place. Noth
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 import shutil
@@ -250,7 +249,7 @@ def run(cfg: ConvertConfig, progress: Callable[[str], None] | None = None) -> Co
                                   hint=_parity_hint(exported))
         record = _manifest(cfg, kind, exported, facts, report)
         manifest.write_atomic(final_dir / manifest.manifest_path_for(cfg.output).name, record)
-        _move_into_place(final_dir, cfg.output, facts.external_files)
+        manifest.publish(final_dir, cfg.output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     facts.path = cfg.output
@@ -263,15 +262,6 @@ def _parity_hint(exported: ExportedModel) -> str:
     if "torchscript" in exported.exporter:
         return "the TorchScript-based exporter can freeze dynamic sizes: try --exporter dynamo, or loosen --atol"
     return "loosen --atol/--rtol if the differences are acceptable, or skip with --no-verify"
-
-
-def _move_into_place(final_dir: Path, output: Path, external: list[str]) -> None:
-    """Rename weights first, then the model, then the manifest: a reader never sees a model without its data."""
-    for name in external:
-        os.replace(final_dir / name, output.parent / name)
-    os.replace(final_dir / output.name, output)
-    mpath = manifest.manifest_path_for(output)
-    os.replace(final_dir / mpath.name, mpath)
 
 
 def _source_record(cfg: ConvertConfig, kind: str) -> dict:

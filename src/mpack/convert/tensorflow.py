@@ -137,6 +137,40 @@ def export_tensorflow(req: ExportRequest) -> ExportedModel:
         notes=notes)
 
 
+def source_runner(source: str, kind: str, specs: list[TensorSpec], output_names: list[str]) -> BaseRunner:
+    """A runner for a TensorFlow source as a manifest records it, without converting again (``mpack validate``).
+
+    Args:
+        source: The SavedModel directory or the .keras/.h5/.tflite file.
+        kind: Its format: "savedmodel", "keras", "h5" or "tflite".
+        specs: The ONNX model's inputs (named as the model's own inputs).
+        output_names: The ONNX model's output names; the runner returns its outputs under them.
+
+    Raises:
+        InputFileError: the source is missing or unreadable.
+        ConfigError: the names do not match the model's own inputs or outputs.
+    """
+    from mpack.backends.tensorflow import SavedModelRunner, import_tensorflow
+
+    sources = {"savedmodel": _SavedModelSource, "keras": _KerasSource, "h5": _KerasSource,
+               "tflite": _TFLiteSource}
+    if kind not in sources:
+        raise ConfigError("kind", kind, "is not a TensorFlow model format", hint=f"use one of {', '.join(sources)}")
+    tf = import_tensorflow()
+    src = sources[kind](Path(source), kind)
+    with _quiet():
+        src.load()
+    own = [d.name for d in src.declared]
+    if sorted(own) != sorted(s.name for s in specs):
+        raise ConfigError("inputs", [s.name for s in specs], f"do not match the inputs {own} of {source}")
+    if kind == "tflite" and not set(output_names) <= set(src.outputs):
+        raise ConfigError("outputs", list(output_names), f"do not match the outputs {list(src.outputs)} of {source}")
+    if kind == "savedmodel":  # export_tensorflow reuses tf2onnx's loaded copy; here the signature is loaded anew
+        path = str(src.path)
+        return SavedModelRunner(lambda: tf.saved_model.load(path), src.signature, list(specs), list(output_names))
+    return src.runner(list(specs), list(output_names))
+
+
 # --- sources: load, declare inputs, convert, run -------------------------------------------------------------
 
 

@@ -107,6 +107,31 @@ def _load_weights(module, weights: Path) -> None:
                           hint="save it with torch.save(model.state_dict(), path) from the same architecture") from None
 
 
+def source_runner(source: str, kind: str, specs: list[TensorSpec], output_names: list[str],
+                  weights: Path | None = None) -> TorchRunner:
+    """A runner for a PyTorch source as a manifest records it, without exporting again (``mpack validate``).
+
+    Args:
+        source: The model file or ``package.module:factory``.
+        kind: Its format: "torchscript", "export-program", "pickled-module" or "entry-point".
+        specs: The inputs, in forward-argument order (the ONNX model's inputs).
+        output_names: The ONNX model's output names, given to the flattened outputs in order.
+        weights: A state_dict for an entry point's module. Defaults to None.
+
+    Returns:
+        A :class:`TorchRunner` that loads the model on activation (errors then are ``MpackError``s).
+    """
+    # N.B. load_source reads only source, kind and weights; the export fields are placeholders.
+    req = ExportRequest(source, kind, list(specs), opset=0, dynamic_batch=False, work_dir=Path("."),
+                        weights=weights)
+
+    def load():
+        obj = load_source(req)
+        return obj.module() if kind == "export-program" else obj
+
+    return TorchRunner(load, list(specs), list(output_names))
+
+
 def program_input_specs(program) -> list[TensorSpec]:
     """Input specs of a ``torch.export`` program from its placeholders' fake tensors.
 
