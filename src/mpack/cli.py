@@ -150,6 +150,9 @@ def quantize(
     weight_type: Annotated[str, typer.Option(help="Weights: qint8 or quint8.")] = "qint8",
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess",
                                              help="Run ONNX Runtime's shape inference + optimisation first.")] = True,
+    reduce_range: Annotated[Optional[bool], typer.Option(
+        "--reduce-range/--full-range", help="7-bit weights. Default: on when the CPU lacks VNNI (INT8 sums "
+                                            "saturate there otherwise).")] = None,
     data: Annotated[Optional[Path], typer.Option(
         help="Validation samples for the accuracy figures. Default: the calibration set, else seeded random.")] = None,
     max_drop: Annotated[Optional[list[str]], typer.Option(
@@ -169,14 +172,67 @@ def quantize(
     cfg = quantize_mod.QuantizeConfig(
         model=model, output=output, mode=mode, calibration=calibration, method=method, quant_format=quant_format,
         per_channel=per_channel, activation_type=activation_type, weight_type=weight_type, preprocess=preprocess,
-        data=data, budget=quantize_mod.parse_budget(max_drop), fallback=fallback, max_excluded=max_excluded,
-        seed=seed)
+        reduce_range=reduce_range, data=data, budget=quantize_mod.parse_budget(max_drop), fallback=fallback,
+        max_excluded=max_excluded, seed=seed)
     with console.err.status("quantizing", spinner="dots") as status:
         result = quantize_mod.run(cfg, progress=lambda message: status.update(message))
     if json_out:
         console.print_json(result.to_dict())
     else:
         console.render_quantize(result)
+
+
+@app.command()
+@handled()
+def validate(
+    models: Annotated[list[Path], typer.Argument(
+        help="ONNX models (e.g. fp32 then INT8). The first is the reference unless --source; each other model, "
+             "on each provider, is compared with the reference on CPU.")],
+    source: Annotated[bool, typer.Option(
+        "--source/--no-source", help="Also run the PyTorch/TensorFlow source named in the first model's manifest "
+                                     "(model.mpack.json) and make it the reference. Needs its framework extra.")
+    ] = False,
+    providers: Annotated[str, typer.Option(
+        help="ONNX Runtime providers to compare: cpu, cuda, tensorrt (comma-separated). One missing here (no GPU) "
+             "is skipped with a note, not failed.")] = "cpu",
+    data: Annotated[Optional[Path], typer.Option(
+        help="An .npz of inputs keyed by input name, instead of seeded random inputs.")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes of the random inputs.")] = "1,4",
+    seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
+    atol: Annotated[Optional[list[str]], typer.Option(
+        help="Absolute tolerance, global (1e-4) or per output (NAME=1e-3). Default 1e-4.")] = None,
+    rtol: Annotated[Optional[list[str]], typer.Option(
+        help="Relative tolerance, global or NAME=VALUE. Default 1e-3.")] = None,
+    locate: Annotated[bool, typer.Option(
+        "--locate/--no-locate", help="On a failure, find the first diverging node of the ONNX graph.")] = True,
+    chunk_size: Annotated[int, typer.Option(
+        help="Intermediate tensors exposed per ONNX Runtime session while locating (lower uses less memory).")
+    ] = 64,
+    junit: Annotated[Optional[Path], typer.Option(help="Write a JUnit XML report to this file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Check numerical parity between a source model, its ONNX and INT8 versions, and ORT providers (CI gate).
+
+    Exit 0 when every comparison passes (skipped ones do not fail), 3 when one differs beyond tolerance.
+
+    Example: mpack validate model.onnx model.int8.onnx --source --providers cpu,cuda --atol 1e-2 --junit report.xml
+    """
+    from mpack import validate as validate_mod
+    from mpack.parity import parse_tolerances
+
+    cfg = validate_mod.ValidateConfig(
+        models=tuple(models), source=source, providers=tuple(providers.split(",")), data=data,
+        batch_sizes=_int_list("--batch-sizes", batch_sizes), seed=seed, tolerances=parse_tolerances(atol, rtol),
+        locate=locate, chunk_size=chunk_size, junit=junit)
+    with console.err.status("validating", spinner="dots") as status:
+        result = validate_mod.run(cfg, progress=lambda message: status.update(message))
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_validate(result)
+    if not result.passed:
+        raise ParityError(f"validation failed: {len(result.failed)} of {len(result.comparisons)} comparisons differ "
+                          "beyond tolerance", hint="loosen --atol/--rtol if the differences are acceptable")
 
 
 def _int_list(field: str, text: str) -> tuple[int, ...]:

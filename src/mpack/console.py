@@ -127,6 +127,42 @@ def render_inspect(result) -> None:
         out.print(info)
 
 
+def divergence_table(title: str, divergences) -> Table:
+    """Intermediate tensors (``divergence.NodeDivergence``) as a table: node, op, tensor and error figures."""
+    table = Table(title=title, title_justify="left")
+    for col in ("#", "node", "op", "tensor", "max abs", "max rel", "cosine", "result"):
+        table.add_column(col, justify="right" if col in ("#", "max abs", "max rel", "cosine") else "left")
+    for d in divergences:
+        c = d.comparison
+        table.add_row(str(d.index), _escape(d.label), d.op_type, _escape(d.tensor), _fmt(c.max_abs), _fmt(c.max_rel),
+                      f"{c.cosine:.6f}", "[green]✓ pass[/]" if c.passed else f"[red]✗ {_escape(c.problem or 'fail')}[/]")
+    return table
+
+
+def render_validate(result) -> None:
+    for text in result.notes:
+        err.print(f"[yellow]![/] {_escape(text)}")
+    for c in result.comparisons:
+        if c.status == "skipped":
+            err.print(f"[yellow]-[/] skipped {_escape(c.candidate)} vs {_escape(c.reference)}: {_escape(c.skipped)}")
+            continue
+        render_parity(c.report)
+        if c.divergence is not None:
+            out.print(divergence_table(
+                f"first diverging node: {c.candidate} vs {c.divergence_against} at {c.divergence_case}",
+                [c.divergence]))
+        elif c.divergence_note:
+            out.print(f"[yellow]![/] {_escape(c.divergence_note)}")
+    s = result.summary()["counts"]
+    mark = "[green]✓[/] validation passed" if result.passed else "[red]✗[/] validation failed"
+    err.print(f"{mark}: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped "
+              f"(reference {_escape(result.reference)}; cases {', '.join(result.cases)})")
+    if result.junit_path:
+        err.print(f"[dim]•[/] JUnit report: {_escape(str(result.junit_path))}")
+    if result.manifest_path:
+        err.print(f"[dim]•[/] recorded in {_escape(str(result.manifest_path))}")
+
+
 def render_quantize(result) -> None:
     for text in result.notes:
         err.print(f"[yellow]![/] {_escape(text)}")
