@@ -13,7 +13,8 @@ from tests.conftest import REPO, assert_clean_error, mpack
 HEAVY = ("torch", "tensorflow", "tf2onnx", "onnx", "onnxruntime")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["inspect", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["inspect", "--help"], ["validate", "--help"],
+                                  ["--version"]])
 def test_help_imports_no_framework(argv):
     script = (
         "import json, sys\n"
@@ -67,7 +68,7 @@ def test_debug_shows_traceback(tmp_path):
     (["--input", "x:batch,-3"], "neither a size"),
     (["--input", "x:4:complex7"], "unknown dtype"),
     (["--atol", "abc"], "not a number"),
-    (["--batch-sizes", "0,2"], "positive"),
+    (["--batch-sizes", "0,2"], "integers >= 1"),
     (["--opset", "7"], "supported range"),
     (["--exporter", "magic"], "not one of"),
 ])

@@ -11,7 +11,9 @@ from tests.conftest import assert_clean_error, assert_nothing_written, mpack
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+from fixtures.onnx_models import sensitive_mlp  # noqa: E402
 
 
 def _run(*args) -> dict:
@@ -40,25 +42,6 @@ def encoder(torch_fixtures, tmp_path_factory):
     model = folder / "encoder.onnx"
     assert mpack("convert", torch_fixtures["encoder_pt2"], "-o", model).exit_code == 0
     return model
-
-
-def sensitive_mlp(path):
-    """Two MatMul layers; the first has one weight 400x larger than the rest, so per-tensor INT8 rounds every other
-    weight of that layer to zero. Keeping that one MatMul in float32 is what fixes it."""
-    rng = np.random.default_rng(0)
-    w1 = (rng.standard_normal((16, 32)) * 0.05).astype(np.float32)
-    w1[0, 0] = 20.0
-    w2 = (rng.standard_normal((32, 8)) * 0.2).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="outlier_matmul"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="head_matmul")]
-    graph = helper.make_graph(nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
-    return path
 
 
 def test_cnn_static_qdq_per_channel(cnn, tmp_path):

@@ -135,6 +135,54 @@ def inspect(
 
 @app.command()
 @handled()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="The float .onnx model (e.g. from mpack convert).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The optimized .onnx file to write.")],
+    level: Annotated[str, typer.Option(
+        help="ONNX Runtime graph optimization: basic (runs on any provider), extended or all (bound to "
+             "--provider; all also to this CPU).")] = "basic",
+    provider: Annotated[str, typer.Option(help="Execution provider the graph is optimized for: cpu or cuda.")] = "cpu",
+    model_type: Annotated[str, typer.Option(
+        help="Transformer fusions: auto (detected from the graph), none, or an ONNX Runtime model type "
+             "(bert, bart, gpt2, vit, ...).")] = "auto",
+    num_heads: Annotated[Optional[int], typer.Option(help="Attention heads. Default: read from the graph.")] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(help="Hidden size. Default: read from the graph.")] = None,
+    float16: Annotated[bool, typer.Option("--float16", help="Convert to float16 (for GPUs); inputs/outputs and "
+                                                            "numerically sensitive ops stay float32.")] = False,
+    float16_io: Annotated[bool, typer.Option("--float16-io", help="With --float16, make inputs/outputs "
+                                                                  "float16 too.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify",
+                                         help="Check parity of the optimized model against the input.")] = True,
+    atol: Annotated[Optional[list[str]], typer.Option(
+        help="Absolute tolerance, global or NAME=VALUE. Default 1e-4 (1e-2 with --float16).")] = None,
+    rtol: Annotated[Optional[list[str]], typer.Option(
+        help="Relative tolerance, global or NAME=VALUE. Default 1e-3 (1e-2 with --float16).")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes the parity check runs at.")] = "1,4",
+    seed: Annotated[int, typer.Option(help="Seed of the parity inputs.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Optimize an ONNX model with ONNX Runtime (graph levels, transformer fusions, float16) and verify parity.
+
+    Example: mpack optimize model.onnx -o model.opt.onnx --level extended
+    """
+    from mpack import optimize as optimize_mod
+    from mpack.parity import parse_tolerances
+
+    cfg = optimize_mod.OptimizeConfig(
+        model=model, output=output, level=level, provider=provider, model_type=model_type, num_heads=num_heads,
+        hidden_size=hidden_size, float16=float16, float16_io=float16_io, verify=verify,
+        tolerances=parse_tolerances(atol, rtol) if atol or rtol else None,
+        batch_sizes=_int_list("--batch-sizes", batch_sizes), seed=seed)
+    with console.err.status("optimizing", spinner="dots") as status:
+        result = optimize_mod.run(cfg, progress=lambda message: status.update(message))
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_optimize(result)
+
+
+@app.command()
+@handled()
 def quantize(
     model: Annotated[Path, typer.Argument(help="The float .onnx model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The INT8 .onnx file to write.")],
@@ -235,15 +283,85 @@ def validate(
                           "beyond tolerance", hint="loosen --atol/--rtol if the differences are acceptable")
 
 
-def _int_list(field: str, text: str) -> tuple[int, ...]:
+@app.command()
+@handled(json_flag=None)
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="ONNX models; the first is the reference for ratios.")],
+    source: Annotated[bool, typer.Option("--source/--no-source",
+                                         help="Also time the first model's source framework model (from its "
+                                              "manifest).")] = False,
+    providers: Annotated[str, typer.Option(help="Providers, comma-separated (cpu, cuda, tensorrt); ones this "
+                                                "ONNX Runtime lacks are skipped with a note.")] = "cpu",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8,32",
+    threads: Annotated[str, typer.Option(help="intra-op thread counts, comma-separated; 0 = all cores.")] = "0",
+    iterations: Annotated[int, typer.Option(help="Timed calls per row.")] = 100,
+    duration: Annotated[Optional[float], typer.Option(help="Seconds per row (stops at whichever of iterations and "
+                                                           "duration comes first).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per row first.")] = 10,
+    concurrency: Annotated[int, typer.Option(help="Threads sharing one session (server-like load).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the inputs.")] = 0,
+    baseline: Annotated[Optional[Path], typer.Option(help="A previous --json result to gate against.")] = None,
+    max_regression: Annotated[str, typer.Option(help="Allowed slowdown of p50 and p90 vs the baseline.")] = "10%",
+    retries: Annotated[int, typer.Option(help="Re-measurements of a suspect row before it counts as "
+                                              "regressed.")] = 2,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the full result (environment "
+                                                                    "included) as JSON to this file; - for "
+                                                                    "stdout.")] = None,
+) -> None:
+    """Measure latency percentiles and throughput, models side by side; gate against a baseline (exit 6).
+
+    Example: mpack bench model.onnx model.int8.onnx --batch-sizes 1,8 --json bench.json
+    """
+    from mpack import bench as bench_mod
+    from mpack.errors import RegressionError
+
+    cfg = bench_mod.BenchConfig(
+        models=tuple(models), source=source, providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+        batch_sizes=_int_list("--batch-sizes", batch_sizes), threads=_int_list("--threads", threads, minimum=0),
+        iterations=iterations, duration=duration, warmup=warmup, concurrency=concurrency, seed=seed,
+        baseline=baseline, max_regression=_fraction("--max-regression", max_regression), retries=retries)
+    try:
+        with console.progress() as bar:
+            result = bench_mod.run(cfg, progress=lambda total: bar.task("measuring", total))
+    except RegressionError as exc:
+        _emit_bench(exc.result, json_path)
+        raise
+    _emit_bench(result, json_path)
+
+
+def _emit_bench(result, json_path: str | None) -> None:
+    if json_path == "-":
+        console.print_json(result.to_dict())
+        return
+    console.render_bench(result)
+    if json_path:
+        from mpack import manifest
+
+        manifest.write_atomic(Path(json_path), result.to_dict())
+        console.note(f"wrote {json_path}")
+
+
+def _fraction(field: str, text: str) -> float:
+    from mpack.errors import ConfigError
+
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise ConfigError(field, text, "is not a number or percentage", hint="e.g. 10%") from None
+    if value < 0:
+        raise ConfigError(field, text, "must be >= 0")
+    return value
+
+
+def _int_list(field: str, text: str, minimum: int = 1) -> tuple[int, ...]:
     from mpack.errors import ConfigError
 
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(field, text, "is not a comma-separated list of integers", hint="e.g. 1,4") from None
-    if not values or min(values) < 1:
-        raise ConfigError(field, text, "must list positive integers", hint="e.g. 1,4")
+    if not values or min(values) < minimum:
+        raise ConfigError(field, text, f"must list integers >= {minimum}", hint="e.g. 1,4")
     return values
 
 

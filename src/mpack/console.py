@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from rich.console import Console
 from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default; a terminal keeps its width.
+_PIPE_WIDTH = 160
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 
 def print_json(data: dict) -> None:
@@ -40,7 +43,8 @@ def _shape(shape) -> str:
 
 
 def parity_table(report) -> Table:
-    table = Table(title=f"parity: {report.reference} vs {report.candidate}", title_justify="left")
+    # N.B. escaped: labels such as "model.onnx[cpu]" would otherwise be read as Rich markup and vanish.
+    table = Table(title=_escape(f"parity: {report.reference} vs {report.candidate}"), title_justify="left")
     for col in ("case", "output", "shape", "max abs", "mean abs", "max rel", "atol", "rtol", "result"):
         table.add_column(col, justify="right" if col.startswith(("max", "mean", "atol", "rtol")) else "left")
     for c in report.comparisons:
@@ -149,7 +153,7 @@ def render_validate(result) -> None:
         render_parity(c.report)
         if c.divergence is not None:
             out.print(divergence_table(
-                f"first diverging node: {c.candidate} vs {c.divergence_against} at {c.divergence_case}",
+                _escape(f"first diverging node: {c.candidate} vs {c.divergence_against} at {c.divergence_case}"),
                 [c.divergence]))
         elif c.divergence_note:
             out.print(f"[yellow]![/] {_escape(c.divergence_note)}")
@@ -189,3 +193,96 @@ def render_quantize(result) -> None:
     if len(result.attempts) > 1:
         err.print(f"[dim]•[/] fallback: {len(result.attempts)} attempts; kept {len(result.excluded)} node(s) in "
                   "float32 to meet the budget")
+
+
+def render_optimize(result) -> None:
+    if result.parity is not None:
+        for name, c in result.parity.worst_per_output().items():
+            err.print(f"[green]✓[/] output {_escape(name)}: max_abs {_fmt(c.max_abs)} ≤ atol {c.atol:g} "
+                      f"(worst of {len(result.parity.summary()['cases'])} size cases)")
+    else:
+        err.print("[yellow]![/] parity check skipped (--no-verify)")
+    if result.fusion_note:
+        mark = "[dim]•[/]" if result.fusion_status == "skipped" else "[yellow]![/]"
+        err.print(f"{mark} {_escape(result.fusion_note)}")
+    for text in result.notes:
+        note(text)
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", str(result.output))
+    table.add_row("manifest", str(result.manifest_path))
+    table.add_row("level", f"{result.level} for {result.provider}" + (
+        f" (graph bound to {result.optimized_for})" if result.optimized_for else " (runs on any provider)"))
+    table.add_row("model type", f"{result.model_type or 'none'} ({result.model_type_source}: "
+                                f"{_escape(result.model_type_reason)})")
+    if result.model_type:
+        table.add_row("heads / hidden", f"{result.num_heads or '?'} / {result.hidden_size or '?'}")
+    table.add_row("fused", ", ".join(f"{op} ×{n}" for op, n in result.fused_ops.items()) or "nothing")
+    table.add_row("nodes", f"{result.nodes_before} → {result.nodes_after}")
+    if result.float16:
+        table.add_row("float16", "weights and compute" + (", inputs/outputs too" if result.float16_io else
+                                                           "; inputs/outputs stay float32"))
+    if result.timing is not None:
+        t = result.timing
+        figure = f"{t.reference_ms:.2f} ms → {t.optimized_ms:.2f} ms ({t.speedup:.2f}x) at {t.case} on {t.provider}"
+        table.add_row("latency", figure if t.meaningful else f"[dim]{figure} (not meaningful)[/]")
+    table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    out.print(table)
+    if result.timing is not None and not result.timing.meaningful:
+        err.print(f"[yellow]![/] {_escape(result.timing.note)}")
+
+
+class _Progress:
+    """A rich progress bar on stderr whose tasks hand back a tick() callback."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=err, transient=True)
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def task(self, description: str, total: int):
+        task = self.bar.add_task(description, total=total)
+        return lambda: self.bar.advance(task)
+
+
+def progress() -> _Progress:
+    return _Progress()
+
+
+def render_bench(result) -> None:
+    for text in result.skipped:
+        err.print(f"[yellow]skipped[/] {_escape(text)}")
+    for text in result.notes:
+        err.print(f"[yellow]![/] {_escape(text)}")
+    env = result.environment
+    table = Table(title=f"latency (ms) on {env['cpu']}, {env['cores']} cores, {env['versions']['onnxruntime']}",
+                  title_justify="left")
+    for col in ("model", "provider", "batch", "threads", "conc.", "mean", "p50", "p90", "p99", "min", "max", "std",
+                "samples/s", "peak RSS", "p50 ratio"):
+        table.add_column(col, justify="left" if col in ("model", "provider") else "right")
+    for r in result.rows:
+        s = r.stats
+        table.add_row(r.model, r.provider, str(r.batch), str(r.threads or "all"), str(r.concurrency),
+                      *(f"{v:.3f}" for v in (s.mean, s.p50, s.p90, s.p99, s.min, s.max, s.std)),
+                      f"{s.throughput:,.1f}", f"{r.peak_rss_mb:.0f} MB",
+                      "-" if r.ratio_p50 is None else f"{r.ratio_p50:.2f}x")
+    out.print(table)
+    if result.gate is not None:
+        gate = Table(title=f"regression gate (max +{result.max_regression:.0%} on p50 and p90)",
+                     title_justify="left")
+        for col in ("model", "batch", "threads", "baseline p50", "p50", "change", "result"):
+            gate.add_column(col, justify="left" if col in ("model", "result") else "right")
+        for g in result.gate:
+            gate.add_row(g.key[0], str(g.key[2]), str(g.key[3] or "all"), f"{g.baseline_p50:.3f}", f"{g.p50:.3f}",
+                         f"{g.slowdown:+.0%}", ("[red]✗ slower[/]" if g.regressed else "[green]✓ ok[/]")
+                         + (f" ({g.note})" if g.note else ""))
+        out.print(gate)

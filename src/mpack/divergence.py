@@ -20,6 +20,7 @@ How the graphs are run, and why:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,8 +161,6 @@ def topological_nodes(graph) -> list:
         waiting.append(len(deps))
         for dep in deps:
             users.setdefault(dep, []).append(i)
-    import heapq
-
     ready = [i for i, count in enumerate(waiting) if count == 0]
     heapq.heapify(ready)
     order = []

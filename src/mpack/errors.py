@@ -10,6 +10,7 @@ Exit codes (documented in README.md, N.B. keep both in step):
     3  parity failure (an output differs beyond tolerance, or has the wrong shape)
     4  a missing optional dependency (the message names the extra to install)
     5  export failure (the exporter could not convert the model)
+    6  performance regression (``mpack bench --baseline``: slower than the baseline beyond the bound)
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ class ParityError(MpackError):
     def __init__(self, message: str, report: object = None, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.report = report
+
+
+class RegressionError(MpackError):
+    """Benchmark rows slower than the baseline; ``result`` carries the figures for rendering."""
+
+    exit_code = 6
+
+    def __init__(self, result: object, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.result = result
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -107,7 +107,7 @@ class ComparisonResult:
     def to_dict(self) -> dict:
         return {"reference": self.reference, "candidate": self.candidate, "model": str(self.model),
                 "provider": self.provider, "status": self.status, "skipped": self.skipped,
-                "parity": self.report.to_dict() if self.report else None,
+                "parity": self.report.to_dict() if self.report is not None else None,
                 "first_divergence": ({**self.divergence.to_dict(), "against": self.divergence_against,
                                       "case": self.divergence_case} if self.divergence else None),
                 "divergence_note": self.divergence_note, "seconds": round(self.seconds, 3)}
@@ -192,7 +192,7 @@ def run(cfg: ValidateConfig, progress: Callable[[str], None] | None = None) -> V
         cases = [(case.label, random_feeds(specs, case.sizes, seed=cfg.seed + i)) for i, case in enumerate(plan)]
 
     if cfg.source:
-        reference_runner, reference_label = _source_runner(cfg.models[0], record, specs, outputs, notes)
+        reference_runner, reference_label = source_runner_for(cfg.models[0], record, specs, outputs, notes)
     else:
         from mpack.backends.onnxruntime import OnnxRuntimeRunner
 
@@ -361,7 +361,7 @@ def load_data(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _source_runner(model: Path, record: dict | None, specs: list[TensorSpec], outputs: list[str],
+def source_runner_for(model: Path, record: dict | None, specs: list[TensorSpec], outputs: list[str],
                    notes: list[str]):
     """A runner for the source named in ``model``'s manifest, and its label."""
     from mpack.convert import FORMATS
@@ -476,7 +476,7 @@ def _record(cfg: ValidateConfig, result: ValidateResult, has_manifest: bool) -> 
     step = {**result.summary(), "providers": list(dict.fromkeys(cfg.providers)),
             "data": str(cfg.data) if cfg.data else None,
             "comparisons": [{"candidate": c.candidate, "status": c.status, "skipped": c.skipped,
-                             "outputs": c.report.summary()["outputs"] if c.report else {},
+                             "outputs": c.report.summary()["outputs"] if c.report is not None else {},
                              "first_divergence": ({"node": c.divergence.node, "op_type": c.divergence.op_type,
                                                    "tensor": c.divergence.tensor}
                                                   if c.divergence else None)}

@@ -15,7 +15,6 @@ import numpy as np
 
 from mpack._optional import require
 from mpack.backends.base import BaseRunner
-from mpack.errors import MissingDependencyError
 from mpack.specs import TensorSpec
 
 
