@@ -14,6 +14,7 @@ HEAVY = ("torch", "tensorflow", "tf2onnx", "onnx", "onnxruntime")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["inspect", "--help"], ["validate", "--help"],
+                                  ["quantize", "--help"], ["bench", "--help"], ["optimize", "--help"],
                                   ["--version"]])
 def test_help_imports_no_framework(argv):
     script = (

@@ -362,8 +362,23 @@ def load_data(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
 
 
 def source_runner_for(model: Path, record: dict | None, specs: list[TensorSpec], outputs: list[str],
-                   notes: list[str]):
-    """A runner for the source named in ``model``'s manifest, and its label."""
+                      notes: list[str]):
+    """A runner for the source named in ``model``'s manifest, and its label (also used by ``mpack bench``).
+
+    Args:
+        model: The ONNX model whose manifest names the source.
+        record: That manifest (``manifest.load(model)``), or None when there is none.
+        specs: The inputs the runner takes.
+        outputs: The ONNX model's output names, which the runner's outputs carry.
+        notes: Collects notes for the user (e.g. the source changed since conversion).
+
+    Returns:
+        (runner, label), e.g. label "pytorch (encoder.pt2)".
+
+    Raises:
+        ConfigError: no manifest, or one that names no source.
+        InputFileError: the source (or its weights file) named in the manifest is missing.
+    """
     from mpack.convert import FORMATS
 
     source = (record or {}).get("source") or {}
