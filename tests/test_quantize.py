@@ -167,7 +167,7 @@ def test_calibration_that_does_not_match(cnn, tmp_path):
     wrong_name = tmp_path / "wrong.npz"
     np.savez(wrong_name, image=np.zeros((2, 3, 32, 32), np.float32))
     assert_clean_error(mpack("quantize", model, "-o", tmp_path / "q.onnx", "--calibration", wrong_name), 2,
-                       "do not match")
+                       "expects inputs ['pixels']")
     wrong_shape = tmp_path / "shape.npz"
     np.savez(wrong_shape, pixels=np.zeros((2, 3, 16), np.float32))
     assert_clean_error(mpack("quantize", model, "-o", tmp_path / "q.onnx", "--calibration", wrong_shape), 2,

@@ -19,6 +19,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tensorflow": ("TensorFlow models", "tf"),
     "tf2onnx": ("TensorFlow models", "tf"),
     "keras": ("Keras models", "tf"),
+    # onnxruntime.transformers (mpack optimize) imports sympy; onnxruntime itself does not depend on it.
+    "sympy": ("ONNX Runtime's transformer fusions", "cpu"),
 }
 
 # The `onnxruntime` module ships in two distributions that overwrite each other; either one satisfies us.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mpack.errors import ConfigError, InputFileError
+from mpack.errors import ConfigError, InputFileError, first_line
 from mpack.specs import (EXPORT_BATCH, TensorSpec, batch_dim_name, concrete_shape, example_size,
                          symbolic_dim_names)
 
@@ -95,26 +95,21 @@ def load_samples(path: Path, specs: list[TensorSpec], what: str = "--data") -> l
             else:
                 with np.load(file, allow_pickle=False) as archive:
                     feeds.append({k: archive[k] for k in archive.files})
-        except (OSError, ValueError) as exc:
-            raise InputFileError(f"{what} {file} is not a readable numpy file ({exc})") from None
-    feeds = [f for f in feeds if f]
-    if not feeds:
+        except (OSError, ValueError, EOFError, AttributeError) as exc:
+            raise InputFileError(f"{what} {file} is not an .npz (or .npy) file of arrays ({first_line(exc)})",
+                                 hint="save it with numpy.savez(path, input_name=array, ...)") from None
+    pairs = [(feed, file) for feed, file in zip(feeds, files) if feed]
+    if not pairs:
         raise InputFileError(f"{what} {path} holds no samples", hint="write arrays keyed by input name with np.savez")
-    for feed in feeds:
-        check_sample(feed, specs, what)
-    return feeds
+    from mpack.backends.base import check_feeds
 
-
-def check_sample(feed: dict[str, np.ndarray], specs: list[TensorSpec], what: str) -> None:
-    expected = [s.name for s in specs]
-    if sorted(feed) != sorted(expected):
-        raise ConfigError(what, sorted(feed), f"names do not match the model's inputs {expected}")
-    for spec in specs:
-        array = feed[spec.name]
-        if array.dtype.name != spec.dtype:
-            raise ConfigError(what, f"{spec.name}: {array.dtype.name}", f"the model expects {spec.dtype}")
-        if array.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape, array.shape)):
-            raise ConfigError(what, f"{spec.name}: {list(array.shape)}", f"the model expects {list(spec.shape)}")
+    for feed, file in pairs:
+        try:
+            check_feeds(specs, feed, "the model")
+        except ConfigError as exc:
+            raise ConfigError(what, str(file), f"does not fit the model's inputs: {exc.message}",
+                              hint="the inputs are: " + " ".join(str(s) for s in specs)) from None
+    return [feed for feed, _ in pairs]
 
 
 def random_samples(specs: list[TensorSpec], count: int, batch: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -414,11 +414,13 @@ def _known_model_types() -> list[str]:
 
 
 def _missing_optimizer(exc: ImportError):
-    name = getattr(exc, "name", None) or "onnxruntime"
-    if name.startswith("onnxruntime"):
-        require("onnxruntime")  # raises the usual "install mpack[cpu]" error
-    raise MissingDependencyError(f"ONNX Runtime's transformer optimizer needs the Python package '{name}', which is not "
-                     f"installed", hint=f"pip install {name} (or reinstall mpack[cpu])") from None
+    """Turn a failed import of onnxruntime.transformers into the usual "install mpack[...]" error."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if not name:  # ORT raises some of its own ImportErrors without a name ("missing 'sympy'")
+        name = "sympy" if "sympy" in str(exc) else "onnxruntime"
+    require(name)  # raises MissingDependencyError naming the extra (sympy, onnxruntime: mpack[cpu])
+    raise MissingDependencyError(f"ONNX Runtime's transformer optimizer cannot be imported: {first_line(exc)}",
+                                 hint="reinstall mpack[cpu] (or mpack[gpu])") from None
 
 
 def _check_config(cfg: OptimizeConfig) -> None:
@@ -583,6 +585,8 @@ def _fuse(src: Path, dest: Path, model_type: str, heads: int | None, hidden: int
             _save(fused.model, dest, external)
     except MpackError:
         raise
+    except ImportError as exc:
+        _missing_optimizer(exc)
     except Exception as exc:  # the fusion scripts raise assorted errors on graphs they half-match
         raise MpackError(f"ONNX Runtime's transformer fusions failed on this graph ({type(exc).__name__}: "
                          f"{first_line(exc, 200)})", hint="retry with --model-type none (graph optimization only), "
@@ -604,11 +608,14 @@ def _to_float16(src: Path, dest: Path, keep_io: bool, external: bool) -> None:
             from onnxruntime.transformers.onnx_model import OnnxModel
     except ImportError as exc:
         _missing_optimizer(exc)
-    with silenced("onnx_model", "float16", "symbolic_shape_infer", "shape_infer_helper"):
-        model = OnnxModel(onnx.load(str(src)))
-        model.convert_float_to_float16(keep_io_types=keep_io,
-                                       op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FLOAT32)))
-        _save(model.model, dest, external)
+    try:
+        with silenced("onnx_model", "float16", "symbolic_shape_infer", "shape_infer_helper"):
+            model = OnnxModel(onnx.load(str(src)))
+            model.convert_float_to_float16(keep_io_types=keep_io,
+                                           op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FLOAT32)))
+            _save(model.model, dest, external)
+    except ImportError as exc:
+        _missing_optimizer(exc)
 
 
 def _stamp(path: Path, entries: dict[str, str | None]) -> None:

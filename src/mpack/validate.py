@@ -30,7 +30,7 @@ import numpy as np
 from mpack import manifest
 from mpack.divergence import DEFAULT_CHUNK_SIZE, NodeDivergence
 from mpack.errors import ConfigError, InputFileError, MpackError, ParityError, first_line
-from mpack.inputs import DEFAULT_BATCH_SIZES, parity_cases, random_feeds
+from mpack.inputs import DEFAULT_BATCH_SIZES, parity_cases, random_feeds, load_samples
 from mpack.parity import ParityReport, Tolerances, compare_outputs
 from mpack.specs import TensorSpec
 
@@ -185,7 +185,8 @@ def run(cfg: ValidateConfig, progress: Callable[[str], None] | None = None) -> V
     notes: list[str] = []
 
     if cfg.data is not None:
-        cases = [("data", load_data(cfg.data, specs))]
+        feeds = load_samples(cfg.data, specs, "--data")
+        cases = [("data" if len(feeds) == 1 else f"data[{i}]", feed) for i, feed in enumerate(feeds)]
     else:
         fixed_batch = not any(isinstance(d, str) for s in specs for d in s.shape[:1])
         plan = parity_cases(specs, cfg.batch_sizes[:1] if fixed_batch else cfg.batch_sizes)
@@ -254,8 +255,6 @@ def _check_config(cfg: ValidateConfig) -> tuple[str, ...]:
             raise ConfigError("--providers", name, "is not an ONNX Runtime provider mpack knows",
                               hint=f"available here: {', '.join(_available_providers())} "
                                    f"(known: {', '.join(PROVIDER_CHAINS)})")
-    if cfg.data is not None and not cfg.data.is_file():
-        raise InputFileError(f"--data file {cfg.data} does not exist", hint="give an .npz of arrays by input name")
     if cfg.junit is not None:
         if cfg.junit.is_dir():
             raise ConfigError("--junit", str(cfg.junit), "is a directory", hint="name the .xml file to write")
@@ -334,31 +333,6 @@ def _check_same_inputs(models: tuple[Path, ...], graphs: list, specs: list[Tenso
             if dtype != want[name]:
                 raise InputFileError(f"{model} input {name} is {dtype} but {models[0]}'s is {want[name]}",
                                      hint="validate models that take the same input dtypes")
-
-
-def load_data(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Inputs from an .npz file of arrays keyed by input name, checked against ``specs``.
-
-    Raises:
-        InputFileError: the file is not an .npz archive.
-        ConfigError: names, ranks, fixed sizes or dtypes do not fit the inputs (one line naming the first).
-    """
-    from mpack.backends.base import check_feeds
-
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("a single array, not an archive")
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputFileError(f"--data {path} is not an .npz file of arrays ({first_line(exc)})",
-                             hint="save it with numpy.savez(path, input_name=array, ...)") from None
-    try:
-        check_feeds(specs, arrays, "the model")
-    except ConfigError as exc:
-        raise ConfigError("--data", str(path), f"does not fit the model's inputs: {exc.message}",
-                          hint="the inputs are: " + " ".join(str(s) for s in specs)) from None
-    return arrays
 
 
 def source_runner_for(model: Path, record: dict | None, specs: list[TensorSpec], outputs: list[str],
