@@ -146,7 +146,7 @@ def main() -> None:
     heads = [f"b{b} s{args.seq} {t}T" for b, t in settings]
     print(f"\nmedian latency (ms) and speed-up vs fp32 (x), {args.iterations} interleaved rounds after "
           f"{args.warmup} warm-up; BERT hidden {BENCH['hidden_size']}, {BENCH['num_hidden_layers']} layers")
-    print(f"| variant | size MB | " + " | ".join(heads) + " | cosine vs fp32 |")
+    print("| variant | size MB | " + " | ".join(heads) + " | cosine vs fp32 |")
     print("|---|---:|" + "---:|" * len(heads) + "---:|")
     for name in models:
         cells = []

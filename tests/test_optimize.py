@@ -103,15 +103,27 @@ def test_manifest_extends_converts_record(bert_ts, tmp_path):
     assert after["optimization"]["fusion_status"] == "fused"
 
 
-def test_dynamo_export_says_why_nothing_fused(bert_dynamo, tmp_path):
-    result = mpack("optimize", bert_dynamo, "-o", tmp_path / "bert.opt.onnx")
+def test_dynamo_export_fuses_through_onnxscript(bert_dynamo, tmp_path):
+    """ONNX Runtime's optimizer finds no attention in a dynamo export; onnxscript's ORT fusions do (fuser auto)."""
+    data = _optimize_json(bert_dynamo, "-o", tmp_path / "bert.opt.onnx")
+    assert data["fusion_engine"] == "onnxscript.rewriter.ort_fusions" and data["fusion_status"] == "fused"
+    assert data["fused_ops"]["Attention"] == 2 and data["fused_ops"]["SkipLayerNormalization"] == 4
+    assert any("onnxscript" in n for n in data["notes"]) and data["parity"]["passed"]
+    got = ort.InferenceSession(str(tmp_path / "bert.opt.onnx")).run(None, _feeds())
+    want = ort.InferenceSession(str(bert_dynamo)).run(None, _feeds())
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-3)
+
+
+def test_dynamo_export_with_ort_fuser_says_why_nothing_fused(bert_dynamo, tmp_path):
+    result = mpack("optimize", bert_dynamo, "-o", tmp_path / "bert.opt.onnx", "--fuser", "ort")
     assert result.exit_code == 0, result
     assert "no attention fused" in result.stderr and "dynamo" in result.stderr
     assert "--exporter torchscript" in result.stderr and "eager" in result.stderr
-    data = _optimize_json(bert_dynamo, "-o", tmp_path / "again.onnx")
+    data = _optimize_json(bert_dynamo, "-o", tmp_path / "again.onnx", "--fuser", "ort")
     assert data["fusion_status"] == "partial" and not data["attention_fused"]
     assert "Attention" not in data["fused_ops"] and data["fused_ops"]["SkipLayerNormalization"] == 4
-    assert data["parity"]["passed"]
+    assert "drop --fuser ort" in data["fusion_note"] and data["parity"]["passed"]
 
 
 @pytest.mark.parametrize("level", ["extended", "all"])
@@ -217,6 +229,21 @@ def test_runs_without_torch(bert_ts, tmp_path):
     assert json.loads(proc.stdout)["fused_ops"]["Attention"] == 2
 
 
+def test_missing_sympy_names_the_extra(bert_ts, tmp_path):
+    """ONNX Runtime's fusions need sympy, which onnxruntime does not depend on: exit 4 naming mpack[cpu]."""
+    script = (
+        "import sys\n"
+        "sys.modules['sympy'] = None\n"
+        "from mpack.cli import main\n"
+        f"sys.argv = ['mpack', 'optimize', {str(bert_ts)!r}, '-o', {str(tmp_path / 'm.onnx')!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "sympy" in proc.stderr and "mpack[cpu]" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- bad input: one line, non-zero exit, nothing written -------------------------------------------------------
 
 
@@ -227,6 +254,7 @@ def test_runs_without_torch(bert_ts, tmp_path):
     (["--level", "max"], ["not one of basic, extended, all"]),
     (["--provider", "tpu"], ["not one of cpu, cuda"]),
     (["--float16-io"], ["needs --float16"]),
+    (["--fuser", "magic"], ["not one of auto, ort, onnxscript"]),
 ])
 def test_bad_options(bert_ts, tmp_path, args, needles):
     model = _copy(bert_ts, tmp_path)

@@ -145,6 +145,10 @@ def optimize(
     model_type: Annotated[str, typer.Option(
         help="Transformer fusions: auto (detected from the graph), none, or an ONNX Runtime model type "
              "(bert, bart, gpt2, vit, ...).")] = "auto",
+    fuser: Annotated[str, typer.Option(
+        help="Who fuses: ort (ONNX Runtime's transformer optimizer, matches TorchScript-based exports), onnxscript "
+             "(onnxscript's ORT fusions, match dynamo exports) or auto (ort, then onnxscript if no attention "
+             "fused).")] = "auto",
     num_heads: Annotated[Optional[int], typer.Option(help="Attention heads. Default: read from the graph.")] = None,
     hidden_size: Annotated[Optional[int], typer.Option(help="Hidden size. Default: read from the graph.")] = None,
     float16: Annotated[bool, typer.Option("--float16", help="Convert to float16 (for GPUs); inputs/outputs and "
@@ -169,7 +173,8 @@ def optimize(
     from mpack.parity import parse_tolerances
 
     cfg = optimize_mod.OptimizeConfig(
-        model=model, output=output, level=level, provider=provider, model_type=model_type, num_heads=num_heads,
+        model=model, output=output, level=level, provider=provider, model_type=model_type, fuser=fuser,
+        num_heads=num_heads,
         hidden_size=hidden_size, float16=float16, float16_io=float16_io, verify=verify,
         tolerances=parse_tolerances(atol, rtol) if atol or rtol else None,
         batch_sizes=_int_list("--batch-sizes", batch_sizes), seed=seed)
@@ -339,6 +344,79 @@ def _emit_bench(result, json_path: str | None) -> None:
 
         manifest.write_atomic(Path(json_path), result.to_dict())
         console.note(f"wrote {json_path}")
+
+
+export_app = typer.Typer(help="Export to the engines users scale out on: Triton, Kubernetes / KServe.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("triton")
+@handled()
+def export_triton(
+    model: Annotated[Path, typer.Argument(help="The .onnx model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The model repository directory to create.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name. Default: the file's stem.")] = None,
+    version: Annotated[int, typer.Option(help="Version directory.")] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size (0: no batching).")] = 32,
+    max_queue_delay_us: Annotated[int, typer.Option(help="dynamic_batching max queue delay, µs.")] = 5000,
+    preferred_batch_sizes: Annotated[str, typer.Option(help="dynamic_batching preferred sizes, e.g. 8,16.")] = "",
+    instances: Annotated[int, typer.Option(help="Instances per device.")] = 1,
+    kind: Annotated[str, typer.Option(help="Instance kind: cpu or gpu.")] = "cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Write a Triton model repository: NAME/VERSION/model.onnx and config.pbtxt.
+
+    Example: mpack export triton model.onnx -o repo/
+    """
+    from mpack import export as export_mod
+
+    cfg = export_mod.TritonExportConfig(
+        model=model, output=output, name=name, version=version, max_batch_size=max_batch_size,
+        queue_delay_us=max_queue_delay_us,
+        preferred_batch_sizes=_int_list("--preferred-batch-sizes", preferred_batch_sizes) if preferred_batch_sizes
+        else (), instances=instances, kind=kind)
+    _emit_export(export_mod.export_triton(cfg), json_out)
+
+
+@export_app.command("k8s")
+@handled()
+def export_k8s(
+    image: Annotated[str, typer.Option(help="The serving image, NAME:TAG or NAME@sha256:... (mpack build-image).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the manifests.")],
+    name: Annotated[str, typer.Option(help="Name of the Kubernetes objects.")],
+    replicas: Annotated[int, typer.Option(help="Replicas (and the autoscaler's minimum).")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="The autoscaler's maximum.")] = 4,
+    target_cpu: Annotated[int, typer.Option(help="Autoscaling target CPU utilisation, %.")] = 70,
+    cpu: Annotated[str, typer.Option(help="CPU request and limit.")] = "1",
+    memory: Annotated[str, typer.Option(help="Memory request and limit.")] = "1Gi",
+    http_port: Annotated[int, typer.Option(help="The server's REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="The server's gRPC port.")] = 8001,
+    canary_percent: Annotated[Optional[int], typer.Option(help="KServe canaryTrafficPercent.")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace of the objects.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Write Kubernetes Deployment, Service and HorizontalPodAutoscaler, and a KServe InferenceService (V2).
+
+    Example: mpack export k8s --image registry/cnn:1.0 --name cnn -o k8s/
+    """
+    from mpack import export as export_mod
+
+    cfg = export_mod.K8sExportConfig(
+        image=image, output=output, name=name, replicas=replicas, max_replicas=max_replicas, target_cpu=target_cpu,
+        cpu=cpu, memory=memory, http_port=http_port, grpc_port=grpc_port, canary_percent=canary_percent,
+        namespace=namespace)
+    _emit_export(export_mod.export_k8s(cfg), json_out)
+
+
+def _emit_export(result, json_out: bool) -> None:
+    if json_out:
+        console.print_json(result.to_dict())
+        return
+    for text in result.notes:
+        console.note(text)
+    for file in result.files:
+        console.out.print(f"[green]✓[/] {result.output / file}")
 
 
 def _fraction(field: str, text: str) -> float:

@@ -218,7 +218,8 @@ def render_optimize(result) -> None:
                                 f"{_escape(result.model_type_reason)})")
     if result.model_type:
         table.add_row("heads / hidden", f"{result.num_heads or '?'} / {result.hidden_size or '?'}")
-    table.add_row("fused", ", ".join(f"{op} ×{n}" for op, n in result.fused_ops.items()) or "nothing")
+    table.add_row("fused", (", ".join(f"{op} ×{n}" for op, n in result.fused_ops.items()) or "nothing")
+                  + (f" ({result.fusion_engine})" if result.fusion_engine and result.fused_ops else ""))
     table.add_row("nodes", f"{result.nodes_before} → {result.nodes_after}")
     if result.float16:
         table.add_row("float16", "weights and compute" + (", inputs/outputs too" if result.float16_io else

@@ -57,6 +57,11 @@ RECORD_KEY = "mpack.optimize"
 
 # Model types that are not ONNX Runtime's: "auto" detects one from the graph, "none" skips the fusions.
 AUTO, NONE = "auto", "none"
+# Who fuses: ONNX Runtime's transformer optimizer matches the TorchScript-based exporter's graphs; onnxscript's
+# ORT fusions (onnxscript.rewriter.ort_fusions) match the dynamo exporter's. "auto" runs ORT's, then onnxscript's
+# when ORT's fused no attention.
+FUSERS = ("auto", "ort", "onnxscript")
+ENGINES = {"ort": "onnxruntime.transformers.optimizer", "onnxscript": "onnxscript.rewriter.ort_fusions"}
 
 # Ops that mark a model as quantized (exact names, then prefixes); optimize the float model, then quantize.
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
@@ -76,7 +81,8 @@ FP16_KEEP_FLOAT32 = ("Pow", "Exp", "Log", "Sqrt", "Reciprocal", "ReduceMean", "R
 # float16 has 11 significant bits: parity against fp32 needs looser tolerances than an fp32 rewrite does.
 FP16_TOLERANCE = Tolerance(atol=1e-2, rtol=1e-2)
 
-TIMING_WARMUP, TIMING_ITERATIONS = 3, 20
+# The quick latency figure of the parity run: at most this many rounds, stopping early past the time budget.
+TIMING_WARMUP, TIMING_ITERATIONS, TIMING_BUDGET_S = 3, 20, 5.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class OptimizeConfig:
         provider: The execution provider the graph is optimized for: "cpu" or "cuda". Defaults to "cpu".
         model_type: ONNX Runtime transformer model type ("bert", "gpt2", ...), "auto" (detected from the graph)
             or "none" (no fusions). Defaults to "auto".
+        fuser: "ort" (ONNX Runtime's transformer optimizer), "onnxscript" (onnxscript's ORT fusions, which match
+            dynamo exports) or "auto" (ORT's, then onnxscript's when ORT's fused no attention). Defaults to "auto".
         num_heads: Attention heads. Defaults to None (detected from the graph).
         hidden_size: Hidden size. Defaults to None (detected from the graph).
         float16: Convert weights and compute to float16 (for GPUs). Defaults to False.
@@ -105,6 +113,7 @@ class OptimizeConfig:
     level: str = DEFAULT_LEVEL
     provider: str = "cpu"
     model_type: str = AUTO
+    fuser: str = "auto"
     num_heads: int | None = None
     hidden_size: int | None = None
     float16: bool = False
@@ -147,6 +156,7 @@ class OptimizeResult:
     model_type: str | None
     model_type_source: str  # "flag", "detected" or "none"
     model_type_reason: str
+    fusion_engine: str | None
     num_heads: int | None
     hidden_size: int | None
     fused_ops: dict[str, int]
@@ -171,7 +181,8 @@ class OptimizeResult:
         """The manifest record of this step (also the core of :meth:`to_dict`)."""
         return {"level": self.level, "provider": self.provider, "optimized_for": self.optimized_for,
                 "model_type": self.model_type, "model_type_source": self.model_type_source,
-                "num_heads": self.num_heads, "hidden_size": self.hidden_size, "fused_ops": self.fused_ops,
+                "fusion_engine": self.fusion_engine, "num_heads": self.num_heads, "hidden_size": self.hidden_size,
+                "fused_ops": self.fused_ops,
                 "attention_fused": self.attention_fused, "fusion_status": self.fusion_status,
                 "fusion_note": self.fusion_note, "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
                 "float16": self.float16, "float16_io": self.float16_io,
@@ -444,6 +455,8 @@ def _check_config(cfg: OptimizeConfig) -> None:
     if cfg.num_heads and cfg.hidden_size and cfg.hidden_size % cfg.num_heads:
         raise ConfigError("--hidden-size", cfg.hidden_size, f"is not divisible by --num-heads {cfg.num_heads}",
                           hint="each head gets hidden_size / num_heads channels: give sizes that divide")
+    if cfg.fuser not in FUSERS:
+        raise ConfigError("--fuser", cfg.fuser, f"is not one of {', '.join(FUSERS)}")
     if cfg.float16_io and not cfg.float16:
         raise ConfigError("--float16-io", True, "needs --float16")
     if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
@@ -599,6 +612,37 @@ def _fuse(src: Path, dest: Path, model_type: str, heads: int | None, hidden: int
     return log.messages
 
 
+def _fuse_onnxscript(src: Path, dest: Path, external: bool, required: bool) -> str | None:
+    """onnxscript's ORT fusions (SDPA → MultiHeadAttention → Attention, SkipLayerNormalization, BiasGelu), which
+    match the dynamo exporter's graphs. Returns None on success, else why it could not run.
+    """
+    try:
+        with silenced():
+            import onnx_ir as ir
+            from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    except ImportError as exc:
+        if required:
+            raise MissingDependencyError(f"--fuser onnxscript needs the Python package 'onnxscript' ({exc})",
+                                         hint="install it with: pip install 'mpack[torch]'") from None
+        return "onnxscript is not installed (mpack[torch])"
+    try:
+        with silenced("onnxscript", "onnx_ir"):
+            model = ir.load(str(src))
+            model, _ = optimize_for_ort(model)
+            ir.save(model, str(dest), external_data=(dest.name + ".data") if external else None)
+    except Exception as exc:  # a rewrite rule that trips on an unusual graph; ORT's result stands
+        if required:
+            raise MpackError(f"onnxscript's ORT fusions failed on this graph ({type(exc).__name__}: "
+                             f"{first_line(exc, 200)})", hint="retry with --fuser ort") from None
+        return f"onnxscript's ORT fusions failed ({type(exc).__name__}: {first_line(exc, 120)})"
+    return None
+
+
+def _attention_added(before: Counter, path: Path) -> bool:
+    after = _op_counts(load_graph(path).graph)
+    return any(after.get((_CONTRIB, op), 0) > before.get((_CONTRIB, op), 0) for op in ATTENTION_OPS)
+
+
 def _to_float16(src: Path, dest: Path, keep_io: bool, external: bool) -> None:
     import onnx
 
@@ -653,29 +697,40 @@ def _fused_ops(before: Counter, after: Counter) -> dict[str, int]:
 
 
 def _why_no_attention(src_manifest: dict | None, model, specs: list[TensorSpec], log: Counter,
-                      model_type: str) -> tuple[str, str]:
-    """(why attention did not fuse, the route that works)."""
+                      model_type: str, fuser: str, onnxscript_problem: str | None) -> tuple[str, str]:
+    """(why attention did not fuse, the route that works), from the exporter, the inputs and the fuser used."""
     exporter = str((src_manifest or {}).get("exporter") or "")
     dynamo = "dynamo" in exporter or (not exporter and any(n.name.startswith("node_") for n in model.graph.node))
     source = (src_manifest or {}).get("source", {}).get("path")
     inputs = " ".join(f"--input {s}" for s in specs)
-    convert = f"mpack convert {source or 'SOURCE'} {inputs} --exporter torchscript -o model.onnx"
-    route = (f"re-export with the TorchScript-based exporter and optimize that: `{convert}` (Hugging Face models: "
-             "attn_implementation=\"eager\" and an attention_mask input)")
+    convert = f"mpack convert {source or 'SOURCE'} {inputs}"
+    torchscript = (f"re-export with `{convert} --exporter torchscript -o model.onnx` (Hugging Face models: "
+                   "attn_implementation=\"eager\" and an attention_mask input) and optimize that")
+    dynamo_route = f"re-export with `{convert} --exporter dynamo -o model.onnx` and optimize that"
+    tried = f"; {onnxscript_problem}" if onnxscript_problem else ""
     matcher = "; ".join(f"{m} ({n}x)" for m, n in log.most_common(2))
     matcher = f" [ONNX Runtime: {matcher}]" if matcher else ""
-    no_mask = not any("mask" in s.name.lower() for s in specs) and model_type == "bert"
-    if dynamo:
-        why = ("the graph comes from the dynamo exporter (torch.onnx.export(dynamo=True)), whose attention "
-               "subgraph ONNX Runtime's fusions do not match; they match the TorchScript-based exporter's graph of "
-               "eager attention")
-    elif no_mask:
+    ort_side = ("ONNX Runtime's transformer optimizer matches the TorchScript-based exporter's graph of eager "
+                "attention with a mask")
+    if dynamo and fuser == "ort":
+        why = (f"the graph comes from the dynamo exporter and {ort_side}; --fuser ort skipped onnxscript's fusions, "
+               "which match dynamo exports")
+        route = f"drop --fuser ort, or {torchscript}"
+    elif dynamo:
+        why = f"the graph comes from the dynamo exporter and {ort_side}{tried}"
+        route = ("install onnxscript (pip install 'mpack[torch]') and re-run, or " + torchscript
+                 if onnxscript_problem and "not installed" in onnxscript_problem else torchscript)
+    elif fuser == "onnxscript":
+        why = "onnxscript's ORT fusions match the dynamo exporter's graphs, and this one is not a dynamo export"
+        route = "drop --fuser onnxscript (ONNX Runtime's transformer optimizer then runs)"
+    elif model_type == "bert" and not any("mask" in s.name.lower() for s in specs):
         why = ("the model has no attention_mask input: Transformers 5 then builds attention without a mask, a "
-               "pattern ONNX Runtime's BERT fusion does not match")
-        route = ("export the model with an attention_mask input (forward(input_ids, attention_mask), "
-                 f"--input attention_mask:...:int64) through `{convert}`")
+               f"pattern ONNX Runtime's transformer optimizer does not match{tried}")
+        route = ("export the model with an attention_mask input (forward(input_ids, attention_mask), one more "
+                 f"--input), or {dynamo_route} (onnxscript's fusions match it)")
     else:
-        why = f"the attention subgraph does not match ONNX Runtime's {model_type} patterns"
+        why = f"the attention subgraph does not match ONNX Runtime's {model_type} patterns{tried}"
+        route = f"{torchscript}; or {dynamo_route} (onnxscript's fusions match dynamo exports)"
     return why + matcher, route
 
 
@@ -683,6 +738,7 @@ def _timing(reference, candidate, ref_feeds: dict, cand_feeds: dict, label: str,
             float16: bool) -> Timing:
     """Median latency of both models on the same feeds, interleaved so drifts in machine load hit both."""
     ref_times, cand_times = [], []
+    start = time.perf_counter()
     for i in range(TIMING_WARMUP + TIMING_ITERATIONS):
         t0 = time.perf_counter()
         reference.session.run(None, ref_feeds)
@@ -692,12 +748,14 @@ def _timing(reference, candidate, ref_feeds: dict, cand_feeds: dict, label: str,
         if i >= TIMING_WARMUP:
             ref_times.append(t1 - t0)
             cand_times.append(t2 - t1)
+            if len(ref_times) >= 3 and t2 - start > TIMING_BUDGET_S:
+                break
     meaningful, note = True, "a quick figure from the parity run; use a benchmark for decisions"
     if float16 and provider == "cpu":
         meaningful = False
         note = ("float16 on CPU: ONNX Runtime runs most float16 ops through Casts to float32, so this speed figure "
                 "is not meaningful; measure on the GPU the model is for")
-    return Timing(label, provider, TIMING_ITERATIONS, 1e3 * statistics.median(ref_times),
+    return Timing(label, provider, len(ref_times), 1e3 * statistics.median(ref_times),
                   1e3 * statistics.median(cand_times), meaningful, note)
 
 
@@ -766,15 +824,30 @@ def run(cfg: OptimizeConfig, progress: Callable[[str], None] | None = None) -> O
     try:
         current = cfg.model
         fusion_log: Counter = Counter()
+        engine, onnxscript_problem = None, None
         name = cfg.output.name
         if model_type:
             step(f"fusing transformer operators ({model_type})")
             t0 = time.perf_counter()
-            (work / "basic").mkdir()
-            _ort_pass(current, work / "basic" / name, "basic", "cpu", external)
-            (work / "fused").mkdir()
-            fusion_log = _fuse(work / "basic" / name, work / "fused" / name, model_type, heads, hidden, external)
-            current = work / "fused" / name
+            if cfg.fuser in ("auto", "ort"):
+                for sub in ("basic", "fused-ort"):
+                    (work / sub).mkdir()
+                _ort_pass(current, work / "basic" / name, "basic", "cpu", external)
+                fusion_log = _fuse(work / "basic" / name, work / "fused-ort" / name, model_type, heads, hidden,
+                                   external)
+                engine, current = "ort", work / "fused-ort" / name
+            if cfg.fuser == "onnxscript" or (cfg.fuser == "auto" and not _attention_added(before, current)):
+                step("fusing transformer operators (onnxscript)")
+                (work / "fused-onnxscript").mkdir()
+                candidate = work / "fused-onnxscript" / name
+                onnxscript_problem = _fuse_onnxscript(cfg.model, candidate, external, cfg.fuser == "onnxscript")
+                if onnxscript_problem is None and (cfg.fuser == "onnxscript" or _attention_added(before, candidate)):
+                    engine, current = "onnxscript", candidate
+                    if cfg.fuser == "auto":
+                        notes.append("ONNX Runtime's transformer optimizer fused no attention in this graph; "
+                                     "onnxscript's ORT fusions (made for dynamo exports) did")
+                elif onnxscript_problem is None:
+                    onnxscript_problem = "onnxscript's ORT fusions fused no attention either"
             seconds["fuse"] = time.perf_counter() - t0
         if cfg.float16:
             step("converting to float16")
@@ -804,7 +877,7 @@ def run(cfg: OptimizeConfig, progress: Callable[[str], None] | None = None) -> O
         fused = _fused_ops(before, after)
         attention = any(op in fused for op in ATTENTION_OPS) or any(op in ATTENTION_OPS for _, op in before)
         status, fusion_note = _fusion_status(model_type, type_reason, fused, attention, src_manifest, source,
-                                             specs, fusion_log)
+                                             specs, fusion_log, cfg.fuser, onnxscript_problem)
 
         report, timing = None, None
         if cfg.verify:
@@ -822,7 +895,7 @@ def run(cfg: OptimizeConfig, progress: Callable[[str], None] | None = None) -> O
         result = OptimizeResult(
             output=cfg.output, manifest_path=manifest.manifest_path_for(cfg.output), level=cfg.level,
             provider=cfg.provider, optimized_for=target, model_type=model_type, model_type_source=type_source,
-            model_type_reason=type_reason, num_heads=heads if model_type else None,
+            model_type_reason=type_reason, fusion_engine=ENGINES.get(engine), num_heads=heads if model_type else None,
             hidden_size=hidden if model_type else None, fused_ops=fused, attention_fused=attention,
             fusion_status=status, fusion_note=fusion_note, nodes_before=sum(before.values()),
             nodes_after=sum(after.values()), float16=cfg.float16, float16_io=cfg.float16_io, facts=facts,
@@ -836,13 +909,13 @@ def run(cfg: OptimizeConfig, progress: Callable[[str], None] | None = None) -> O
 
 
 def _fusion_status(model_type: str | None, type_reason: str, fused: dict[str, int], attention: bool,
-                   src_manifest: dict | None, source, specs: list[TensorSpec], log: Counter
-                   ) -> tuple[str, str | None]:
+                   src_manifest: dict | None, source, specs: list[TensorSpec], log: Counter, fuser: str,
+                   onnxscript_problem: str | None) -> tuple[str, str | None]:
     if not model_type:
         return "skipped", f"transformer fusions skipped: {type_reason}"
     if attention:
         return "fused", None
-    why, route = _why_no_attention(src_manifest, source, specs, log, model_type)
+    why, route = _why_no_attention(src_manifest, source, specs, log, model_type, fuser, onnxscript_problem)
     others = ", ".join(f"{op} {n}" for op, n in fused.items())
     head = f"no attention fused ({others} did)" if fused else "nothing fused"
     return ("partial" if fused else "none"), f"{head}: {why}. Route that works: {route}"
