@@ -159,3 +159,9 @@ def test_bad_baseline(models, tmp_path):
     junk = tmp_path / "junk.json"
     junk.write_text("{}")
     assert_clean_error(mpack("bench", models[0], "--iterations", "2", "--baseline", junk), 2, "not an mpack bench")
+
+
+@pytest.mark.gpu
+def test_cuda_rows_beside_cpu(models):
+    data = _bench(models[0], "--providers", "cpu,cuda", "--batch-sizes", "1,8", "--iterations", "20")
+    assert {r["provider"] for r in data["rows"]} == {"cpu", "cuda"} and not data["skipped"]
