@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -11,6 +12,39 @@ from typer.testing import CliRunner
 from mpack.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    # Golden files (tests/golden/*.Dockerfile): rewrite them from the current templates instead of comparing.
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/* from the current output instead of comparing")
+
+
+def pytest_runtest_setup(item):
+    """The docker marker: skip without a reachable engine, except under CI=true, where a missing engine fails (CI
+    starts one with scripts/docker-engine.sh, so its absence is a broken set-up, not a reason to skip)."""
+    if "docker" in item.keywords:
+        reason = _docker_unreachable()
+        if reason is not None:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"CI=true but no Docker engine is reachable ({reason}); .ci/run starts one with "
+                            "scripts/docker-engine.sh and exports DOCKER_HOST", pytrace=False)
+            pytest.skip(f"no Docker engine reachable ({reason}); "
+                        "export DOCKER_HOST=\"$(scripts/docker-engine.sh up)\"")
+
+
+@functools.lru_cache(maxsize=None)
+def _docker_unreachable() -> str | None:
+    """None when an engine answers at DOCKER_HOST (or the default socket), else why not."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+        client.close()
+        return None
+    except Exception as exc:  # ImportError, DockerException, connection errors
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
 def pytest_collection_modifyitems(config, items):

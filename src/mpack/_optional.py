@@ -21,6 +21,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "keras": ("Keras models", "tf"),
     # onnxruntime.transformers (mpack optimize) imports sympy; onnxruntime itself does not depend on it.
     "sympy": ("ONNX Runtime's transformer fusions", "cpu"),
+    "docker": ("Building serving images", "image"),
+    "jinja2": ("Rendering the image templates", "image"),
 }
 
 # The `onnxruntime` module ships in two distributions that overwrite each other; either one satisfies us.

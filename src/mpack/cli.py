@@ -419,6 +419,223 @@ def _emit_export(result, json_out: bool) -> None:
         console.out.print(f"[green]✓[/] {result.output / file}")
 
 
+@app.command("build-image")
+@handled()
+def build_image(
+    source: Annotated[Path, typer.Argument(
+        metavar="MODEL|DEPLOY_FILE", help="An .onnx model (served under its file stem, version 1) or a deployment "
+                                          "file (mpack.deploy.yaml / .json, as mpack serve --config reads it).")],
+    tag: Annotated[str, typer.Option(help="Image tag NAME:VERSION, e.g. team/cnn:1.0.")],
+    base: Annotated[Optional[str], typer.Option(
+        help="Base image providing python3 3.11 with venv; pinned by digest (or local image ID) before use. "
+             "Default: python:3.11-slim-bookworm.")] = None,
+    gpu: Annotated[bool, typer.Option("--gpu", help="CUDA variant: onnxruntime-gpu with CUDA/cuDNN wheels.")] = False,
+    context_only: Annotated[Optional[Path], typer.Option(
+        "--context-only", metavar="DIR", help="Write the build context (Dockerfile, locks, wheels, models) to DIR "
+                                              "and build nothing.")] = None,
+    max_size: Annotated[Optional[str], typer.Option(
+        help="Size budget, e.g. 500MB or 1.5GB: exit 8 when the image is larger.")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke/--no-smoke", help="Run the image and check a V2 infer request "
+                                                                   "per model against local ONNX Runtime.")] = True,
+    name: Annotated[Optional[str], typer.Option(help="Served name of a single .onnx model. Default: its stem.")
+    ] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="Extra image label KEY=VALUE (repeatable).")] = None,
+    templates: Annotated[Optional[Path], typer.Option(
+        help="A folder of templates searched before the built-in ones (override Dockerfile blocks).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Build a hash-pinned, hermetic serving image (no network during the build), then smoke-test it.
+
+    Exit 7 when no engine is reachable, the base image cannot be pinned, the build or the smoke test fails;
+    exit 8 when the image is over --max-size.
+
+    Example: mpack build-image model.onnx --tag team/cnn:1.0 --max-size 500MB
+    """
+    from mpack import image as image_mod
+    from mpack.errors import DockerError, SizeBudgetError
+
+    cfg = image_mod.ImageConfig(
+        source=source, tag=tag, base=base, gpu=gpu, context_only=context_only,
+        max_size=image_mod.parse_size(max_size) if max_size is not None else None, smoke=smoke, name=name,
+        labels=tuple(image_mod.parse_label(text) for text in label or ()), templates=templates)
+    try:
+        with console.build_progress() as show:
+            result = image_mod.run(cfg, progress=show.status, on_build_event=show.event)
+    except SizeBudgetError as exc:
+        _emit_image(exc.result, json_out)
+        raise
+    except DockerError as exc:
+        console.details(exc.details)
+        raise
+    _emit_image(result, json_out)
+
+
+def _emit_image(result, json_out: bool) -> None:
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_image(result)
+
+
+@app.command()
+@handled()
+def batch(
+    model: Annotated[Path, typer.Argument(help="The .onnx model.")],
+    input_: Annotated[Path, typer.Argument(metavar="INPUT", help="A .parquet, .npz, .npy or .jsonl file, or a "
+                                                                 "directory of files of one format.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file (.parquet, .npz, .npy, .jsonl: the "
+                                                                "suffix names the format) or a directory of parts.")],
+    map_: Annotated[Optional[list[str]], typer.Option(
+        "--map", help="Feed a model input from a column: INPUT=COLUMN (repeatable). Default: the column of the "
+                      "input's name; a one-input model also takes the only column.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        "--id", help="A column copied to the output unchanged, to join the results back.")] = None,
+    outputs: Annotated[Optional[str], typer.Option(help="Model outputs to write, comma-separated. Default: all.")
+    ] = None,
+    batch_size: Annotated[str, typer.Option(help="Rows per inference call, or auto (a short probe on the first "
+                                                 "chunk picks it).")] = "auto",
+    chunk_rows: Annotated[str, typer.Option(help="Rows per chunk: the unit of memory, part files and resume. "
+                                                 "auto: about 32 MiB of input.")] = "auto",
+    output_format: Annotated[Optional[str], typer.Option(
+        "--format", help="Format of a directory output: parquet, npz, npy or jsonl. Default: parquet.")] = None,
+    engine: Annotated[str, typer.Option(help="local, or ray (Ray Data; one ONNX Runtime session per actor).")
+    ] = "local",
+    restart: Annotated[bool, typer.Option("--restart", help="Discard an unfinished job's progress at this output "
+                                                            "and start over.")] = False,
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers, comma-separated (cpu, cuda).")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="intra-op threads per session.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to run on (auto, ray://HOST:10001). Default: RAY_ADDRESS, else a local instance on "
+             "127.0.0.1.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(help="Ray actors (one model session each). Default: the "
+                                                           "cluster's CPUs / --threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Offline batch inference: read a table in chunks, run the model, write the results (resumable).
+
+    Interrupted (Ctrl-C exits 130, or a crash)? Run the same command again: it continues where it stopped.
+
+    Example: mpack batch model.onnx data.parquet -o scores.parquet --map x=features --id user_id
+    """
+    from mpack import batch as batch_mod
+    from mpack.errors import ConfigError
+
+    mapping = []
+    for text in map_ or ():
+        name, sep, column = text.partition("=")
+        if not sep or not name or not column:
+            raise ConfigError("--map", text, "is not INPUT=COLUMN", hint="e.g. --map pixels=image")
+        mapping.append((name, column))
+    cfg = batch_mod.BatchConfig(
+        model=model, input=input_, output=output, mapping=tuple(mapping), id_column=id_column,
+        outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if outputs else None,
+        batch_size=_auto_int("--batch-size", batch_size), chunk_rows=_auto_int("--chunk-rows", chunk_rows),
+        output_format=output_format, engine=engine, restart=restart,
+        providers=tuple(p.strip() for p in providers.split(",") if p.strip()), threads=threads,
+        ray_address=ray_address, ray_actors=ray_actors)
+    with console.rows_progress() as bar:
+        result = batch_mod.run(cfg, progress=bar.update)
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_batch(result)
+
+
+def _auto_int(field: str, text: str) -> int | None:
+    from mpack.errors import ConfigError
+
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(field, text, "is neither a number nor auto", hint="e.g. 256 or auto") from None
+    if value < 1:
+        raise ConfigError(field, text, "must be >= 1 or auto")
+    return value
+
+
+@app.command()
+@handled()
+def worker(
+    model: Annotated[Path, typer.Argument(help="The .onnx model.")],
+    redis_url: Annotated[str, typer.Option("--redis", help="Redis URL.")] = "redis://127.0.0.1:6379/0",
+    stream: Annotated[str, typer.Option(help="Stream the jobs arrive on.")] = "mpack:jobs",
+    group: Annotated[str, typer.Option(help="Consumer group shared by this model's workers.")] = "mpack-workers",
+    name: Annotated[Optional[str], typer.Option(help="This worker's consumer name. Default: HOST-PID.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most rows per inference call (micro-batching whole jobs).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="After a job arrives, how long to wait for more to batch.")
+    ] = 5.0,
+    claim_idle: Annotated[float, typer.Option(
+        help="Seconds a job may sit unacknowledged at another worker before this one claims it (set above the "
+             "longest batch time).")] = 30.0,
+    max_queue: Annotated[Optional[int], typer.Option(
+        help="Waiting jobs at which submitters are refused (stored for the stream). Default: as stored, else "
+             "1000.")] = None,
+    result_ttl: Annotated[int, typer.Option(help="Seconds results are kept.")] = 3600,
+    max_deliveries: Annotated[int, typer.Option(help="A job delivered this often (it keeps killing workers) is "
+                                                     "failed instead.")] = 5,
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers, comma-separated (cpu, cuda).")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="intra-op threads.")] = None,
+    max_jobs: Annotated[Optional[int], typer.Option(help="Stop after this many jobs. Default: run until "
+                                                         "SIGINT/SIGTERM.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final counts as JSON on stdout.")] = False,
+) -> None:
+    """Serve queued inference jobs from a Redis stream (at-least-once; see mpack.queue for the client side).
+
+    SIGINT or SIGTERM stops it after the batch in flight; a killed worker's jobs are claimed by another.
+
+    Example: mpack worker model.onnx --redis redis://127.0.0.1:6379/0 --stream jobs:cnn
+    """
+    import signal
+    import threading
+
+    from mpack import queue as queue_mod
+    from mpack.errors import ConfigError, InputFileError, QueueServiceError
+
+    for field, value, low in (("--max-batch", max_batch, 1), ("--result-ttl", result_ttl, 1),
+                              ("--max-deliveries", max_deliveries, 1), ("--max-queue", max_queue or 1, 1)):
+        if value < low:
+            raise ConfigError(field, value, f"must be >= {low}")
+    if claim_idle <= 0 or max_wait_ms < 0:
+        raise ConfigError("--claim-idle" if claim_idle <= 0 else "--max-wait-ms",
+                          claim_idle if claim_idle <= 0 else max_wait_ms, "must be positive")
+    cfg = queue_mod.WorkerConfig(
+        model=model, url=redis_url, stream=stream, group=group, consumer=name, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, claim_idle_s=claim_idle, result_ttl_s=result_ttl, max_queue=max_queue,
+        max_deliveries=max_deliveries, providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+        threads=threads, max_jobs=max_jobs)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # first signal: finish the batch in flight; second: stop now
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        job_worker = queue_mod.Worker(cfg)
+        job_worker.start()
+        console.err.print(f"worker {console._escape(job_worker.name)} consuming {console._escape(stream)} "
+                          f"(group {console._escape(group)}) on {queue_mod.redact(redis_url)}")
+        with console.err.status("waiting for jobs", spinner="dots") as status:
+            result = job_worker.run(stop, on_step=lambda r: status.update(
+                f"{r.jobs} jobs ({r.failed} failed, {r.reclaimed} reclaimed) in {r.batches} batches"))
+    except queue_mod.WorkerConfigError as exc:
+        raise InputFileError(exc.message, hint=exc.hint) from None
+    except queue_mod.QueueError as exc:
+        raise QueueServiceError(exc.message, hint=exc.hint) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        console.render_worker(result)
+
+
 def _fraction(field: str, text: str) -> float:
     from mpack.errors import ConfigError
 

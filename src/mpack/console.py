@@ -287,3 +287,139 @@ def render_bench(result) -> None:
                          f"{g.slowdown:+.0%}", ("[red]✗ slower[/]" if g.regressed else "[green]✓ ok[/]")
                          + (f" ({g.note})" if g.note else ""))
         out.print(gate)
+
+
+# --- mpack batch / mpack worker -----------------------------------------------------------------------------------
+
+class _RowsProgress:
+    """A rows bar on stderr (done/total, rows/s, ETA) fed absolute counts: ``update(done, total)``."""
+
+    def __init__(self, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("rows  {task.fields[rate]}"), TimeRemainingColumn(), console=err,
+                            transient=True)
+        self.description = description
+        self.task = None
+
+    def __enter__(self) -> _RowsProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None:
+            # Rows already done by an interrupted run start the bar without counting towards rows/s.
+            self.task = self.bar.add_task(self.description, total=total, completed=done, rate="")
+            return
+        self.bar.update(self.task, completed=done, total=total)
+        speed = self.bar.tasks[self.task].speed
+        self.bar.update(self.task, rate=f"{speed:,.0f} rows/s" if speed else "")
+
+
+def rows_progress(description: str = "inferring") -> _RowsProgress:
+    return _RowsProgress(description)
+
+
+def render_batch(result) -> None:
+    for text in result.notes:
+        note(text)
+    if result.probe:
+        err.print("[dim]•[/] batch size probe: " + ", ".join(f"{b}: {r:,.0f}" for b, r in result.probe)
+                  + " rows/s")
+    err.print(f"[green]✓[/] {result.rows - result.rows_resumed:,} rows inferred"
+              + (f" ({result.rows_resumed:,} resumed)" if result.rows_resumed else "")
+              + f" at {result.rows_per_s:,.0f} rows/s")
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("output", f"{_escape(str(result.output))} ({result.format}, {result.parts} parts)")
+    table.add_row("rows", f"{result.rows:,}")
+    table.add_row("inputs", ", ".join(f"{k} ← {_escape(v)}" for k, v in result.inputs.items()))
+    table.add_row("outputs", ", ".join(([f"{_escape(result.id_column)} (id)"] if result.id_column else [])
+                                       + [_escape(o) for o in result.outputs]))
+    table.add_row("batch size", f"{result.batch_size} ({result.batch_size_source})")
+    table.add_row("chunk rows", f"{result.chunk_rows:,}")
+    table.add_row("engine", result.engine)
+    table.add_row("time", f"{result.seconds:.1f}s")
+    out.print(table)
+
+
+def render_worker(result) -> None:
+    err.print(f"[green]✓[/] worker {_escape(result.consumer)} stopped: {result.jobs} jobs ({result.failed} failed, "
+              f"{result.reclaimed} reclaimed) in {result.batches} batches, {result.seconds:.1f}s")
+
+
+class _BuildProgress:
+    """``mpack build-image``: a status line for the stages, and a step bar fed by the build log (Step N/M)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            console=err, transient=True)
+        self.task = None
+
+    def __enter__(self) -> _BuildProgress:
+        self.bar.__enter__()
+        self.task = self.bar.add_task("preparing", total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def status(self, message: str) -> None:
+        self.bar.update(self.task, description=_escape(message))
+
+    def event(self, event) -> None:
+        """A BuildEvent: a new step moves the bar; cached steps are marked as such."""
+        if event.total:
+            self.bar.update(self.task, total=event.total, completed=event.index - 1,
+                            description=_escape(f"step {event.index}/{event.total}: {event.instruction[:70]}"))
+        elif event.cached:
+            self.bar.update(self.task, description=self.bar.tasks[0].description.replace(" (cached)", "")
+                            + " (cached)")
+
+
+def build_progress() -> _BuildProgress:
+    return _BuildProgress()
+
+
+def details(lines) -> None:
+    """Indented context under an error (a failing build step's output, a container's log tail)."""
+    for line in lines:
+        err.print(f"[dim]  │ {_escape(line)}[/]")
+
+
+def render_image(result) -> None:
+    for text in result.notes:
+        note(text)
+    if result.smoke is not None:
+        for c in result.smoke.checks:
+            err.print(f"[green]✓[/] V2 infer {_escape(c.model)} v{_escape(c.version)}: max_abs {c.max_abs_diff:.1e} "
+                      f"vs local ONNX Runtime")
+        err.print(f"[green]✓[/] ready in {result.smoke.ready_s:.1f}s, stopped on SIGTERM in "
+                  f"{result.smoke.stop_s:.1f}s (exit {result.smoke.exit_code})")
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    if result.image_id:
+        table.add_row("image", f"{_escape(result.tag)}  {result.image_id}")
+        size = f"{result.size / 1e6:.1f} MB"
+        if result.max_size is not None:
+            size += (f" [red]✗ over budget {result.max_size / 1e6:.1f} MB[/]" if result.over_budget
+                     else f" [green]✓ within {result.max_size / 1e6:.1f} MB[/]")
+        table.add_row("size", size + f", {result.layers} layers")
+        table.add_row("build", f"{result.total_steps} steps, {result.cached_steps} from cache")
+    else:
+        table.add_row("context", _escape(str(result.context_dir)))
+        table.add_row("build it", _escape(f"docker build --network none -t {result.tag} {result.context_dir}"))
+    table.add_row("variant", result.variant)
+    table.add_row("base", _escape(f"{result.base_image} → {result.base_ref}"))
+    table.add_row("models", ", ".join(_escape(f"{m['name']}:{m['version']}") for m in result.models))
+    table.add_row("packages", ", ".join(_escape(f"{p['name']}=={p['version']}") for p in result.packages))
+    table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+    out.print(table)

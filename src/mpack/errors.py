@@ -11,6 +11,10 @@ Exit codes (documented in README.md, N.B. keep both in step):
     4  a missing optional dependency (the message names the extra to install)
     5  export failure (the exporter could not convert the model)
     6  performance regression (``mpack bench --baseline``: slower than the baseline beyond the bound)
+    7  image build failure (``mpack build-image``: no engine, base image, build or smoke test)
+    8  image over its size budget (``mpack build-image --max-size``)
+    9  queue service unavailable (``mpack worker``: Redis unreachable or lost)
+  130  interrupted by SIGINT (``mpack batch``: progress is kept; the same command resumes)
 """
 
 from __future__ import annotations
@@ -74,6 +78,42 @@ class RegressionError(MpackError):
     def __init__(self, result: object, message: str, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.result = result
+
+
+class DockerError(MpackError):
+    """``mpack build-image``: no engine, a base image that cannot be resolved, a failed build or smoke test.
+
+    ``details`` carries the lines worth showing under the one-line error (the failing build step's output, the
+    container's log tail).
+    """
+
+    exit_code = 7
+
+    def __init__(self, message: str, hint: str | None = None, details: tuple[str, ...] = ()) -> None:
+        super().__init__(message, hint)
+        self.details = details
+
+
+class SizeBudgetError(MpackError):
+    """``mpack build-image --max-size``: the image is larger than allowed; ``result`` carries the build."""
+
+    exit_code = 8
+
+    def __init__(self, result: object, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.result = result
+
+
+class QueueServiceError(MpackError):
+    """``mpack worker``: Redis cannot be reached (or was lost), or refused the work."""
+
+    exit_code = 9
+
+
+class JobInterruptedError(MpackError):
+    """``mpack batch``: SIGINT stopped the job; committed parts are kept and the same command resumes it."""
+
+    exit_code = 130
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

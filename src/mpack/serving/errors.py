@@ -33,6 +33,11 @@ class ModelNotFoundError(ServingError):
     grpc_code = "NOT_FOUND"
 
 
+class MethodNotAllowedError(ServingError):
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"
+
+
 class PayloadTooLargeError(ServingError):
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"
