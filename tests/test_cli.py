@@ -15,7 +15,9 @@ HEAVY = ("torch", "tensorflow", "tf2onnx", "onnx", "onnxruntime")
 
 @pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["inspect", "--help"], ["validate", "--help"],
                                   ["quantize", "--help"], ["bench", "--help"], ["optimize", "--help"],
-                                  ["export", "triton", "--help"], ["export", "k8s", "--help"], ["--version"]])
+                                  ["export", "triton", "--help"], ["export", "k8s", "--help"],
+                                  ["build-image", "--help"], ["batch", "--help"], ["worker", "--help"],
+                                  ["--version"]])
 def test_help_imports_no_framework(argv):
     script = (
         "import json, sys\n"

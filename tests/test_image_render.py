@@ -27,6 +27,8 @@ from mpack.resources import load_json, templates_dir  # noqa: E402
 
 GOLDEN = REPO / "tests" / "golden"
 PINNED_BASE = "python@sha256:" + "1" * 64
+# N.B. id "cuda", not "gpu": a test id "gpu" would match the gpu marker's keyword gate in conftest and be skipped.
+VARIANTS = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="cuda")]
 
 
 def _wheel(name: str, version: str) -> LockedWheel:
@@ -62,7 +64,7 @@ def instructions(dockerfile: str) -> list[str]:
 
 # ---- golden files ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_dockerfile_matches_golden(variant, request):
     text = rendered(inline_context(gpu=variant == "gpu"))["Dockerfile"]
     golden = GOLDEN / f"{variant}.Dockerfile"
@@ -86,9 +88,10 @@ def test_dockerfile_structure():
     froms = [ln for ln in lines if ln.startswith("FROM ")]
     assert froms == [f"FROM {PINNED_BASE} AS deps", f"FROM {PINNED_BASE}"]  # multi-stage, pinned by digest
     index = {key: next(i for i, ln in enumerate(lines) if ln.startswith(key)) for key in (
-        "RUN /opt/pip-tool/bin/pip", "COPY --from=deps", "COPY deploy.json", "COPY models/", "USER", "ENTRYPOINT")}
+        "RUN /opt/pip-tool/bin/pip", "COPY --from=deps", "COPY deploy.json models.json", "COPY models/", "USER",
+        "ENTRYPOINT")}
     # dependencies before the model, the model last among the files, then the non-root user
-    assert index["RUN /opt/pip-tool/bin/pip"] < index["COPY --from=deps"] < index["COPY deploy.json"] \
+    assert index["RUN /opt/pip-tool/bin/pip"] < index["COPY --from=deps"] < index["COPY deploy.json models.json"] \
         < index["COPY models/"] < index["USER"] < index["ENTRYPOINT"]
     install = lines[index["RUN /opt/pip-tool/bin/pip"]]
     for flag in ("--no-index", "--require-hashes", "--no-deps"):
@@ -103,12 +106,13 @@ def test_dockerfile_structure():
         assert key + "=" in labels
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_dockerfile_needs_no_buildkit(variant):
     text = rendered(inline_context(gpu=variant == "gpu"))["Dockerfile"]
     assert not text.startswith("# syntax") and "# syntax=" not in text
+    body = "\n".join(instructions(text))
     for buildkit_only in ("--mount", "<<", "--chmod", "--link", "--platform", "--network", "--security"):
-        assert buildkit_only not in text, buildkit_only
+        assert buildkit_only not in body, buildkit_only
 
 
 def test_gpu_variant_is_cuda_and_cpu_is_not():
@@ -131,7 +135,7 @@ def _hadolint() -> str:
     return path
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_hadolint_finds_nothing(variant, tmp_path):
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text(rendered(inline_context(gpu=variant == "gpu"))["Dockerfile"])
@@ -268,7 +272,8 @@ def test_no_engine_is_a_clear_error(tmp_path, mlp_model, monkeypatch):
     result = mpack("build-image", mlp_model, "--tag", "a/b:1")
     assert_clean_error(result, 7, "no Docker engine reachable", "scripts/docker-engine.sh up")
     # without a pinned base, even --context-only needs an engine to resolve the digest
-    result = mpack("build-image", mlp_model, "--tag", "a/b:1", "--base", "python:3.11", "--context-only", tmp_path / "c")
+    result = mpack("build-image", mlp_model, "--tag", "a/b:1", "--base", "python:3.11",
+                   "--context-only", tmp_path / "c")
     assert_clean_error(result, 7, "cannot pin the base image", "@sha256:")
 
 
@@ -339,12 +344,100 @@ def test_same_inputs_give_a_byte_identical_context(tmp_path, mlp_model, image_ca
     assert re.match(r"^mpack==0\.1\.0 --hash=sha256:[0-9a-f]{64}$", a["mpack.lock"].decode().splitlines()[-1])
     sbom = json.loads(a["sbom.json"])
     assert {p["name"] for p in sbom["packages"]} == names | {"mpack"}
-    assert sbom["models"][0]["sha256"] == hashlib.sha256(mlp_model.read_bytes()).hexdigest()
-    # a changed model changes only the model files, the SBOM's model entry, the labels and deploy config's digest
+    index = json.loads(a["models.json"])
+    assert index["models"][0]["sha256"] == hashlib.sha256(mlp_model.read_bytes()).hexdigest()
+    # a changed model changes only the model file, the models index and the Dockerfile's labels
     from fixtures.onnx_models import mlp
 
     other = mlp(tmp_path / "mlp.onnx", hidden=16)
     third = _tree(prepare_context(ImageConfig(source=other, tag="team/mlp:1", base=PINNED_BASE,
                                               cache_dir=image_cache), tmp_path / "c").context_dir)
     changed = {k for k in a if a[k] != third.get(k)}
-    assert changed == {"Dockerfile", "sbom.json", "models/mlp/1/mlp.onnx"}
+    assert changed == {"Dockerfile", "models.json", "models/mlp/1/mlp.onnx"}
+
+
+def test_help_imports_neither_docker_nor_jinja2():
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom mpack.cli import app\ntry:\n    app(['build-image', '--help'])\nexcept SystemExit:\n"
+              "    pass\nprint([m for m in ('docker', 'jinja2', 'onnxruntime', 'onnx') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--context-only" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_gpu_closure_resolves_for_the_image_platform(tmp_path):
+    """The CUDA variant cannot be built here, but its lock can be resolved: onnxruntime-gpu[cuda,cudnn] with the
+    server stack and mpack's pins, for CPython 3.11 manylinux x86_64 (pip's dry run reads metadata only)."""
+    import subprocess
+    import sys
+
+    from mpack.image import wheels
+
+    compat = load_json("compat.json")
+    variant, serving, _ = image_config.complete(image_config.ImageConfig(Path("m.onnx"), "a/b:1", gpu=True), compat)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    mpack_wheel = next(tmp_path.glob("mpack-*.whl"))
+    try:
+        requirements, constraints = wheels.runtime_requirements(
+            mpack_wheel, serving.extra, variant.runtime_extra, variant.runtime_distribution, variant.runtime_extras)
+    except Exception as exc:  # noqa: BLE001 - reported below
+        pytest.fail(f"reading the image requirements from mpack's metadata failed: {exc}")
+    (tmp_path / "c.txt").write_text("".join(f"{c}\n" for c in constraints))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                           "--target", str(tmp_path / "t"), *wheels.target_args(variant.platforms, variant.python),
+                           "-c", str(tmp_path / "c.txt"), "--report", str(tmp_path / "r.json"), *requirements],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {i["metadata"]["name"].lower() for i in json.loads((tmp_path / "r.json").read_text())["install"]}
+    assert {"onnxruntime-gpu", "nvidia-cudnn-cu13", "nvidia-cuda-runtime", "numpy"} <= names
+    assert "onnxruntime" not in names and "torch" not in names
+
+
+class _FakeImages:
+    """Just enough of docker's ImageCollection for resolve_base: local images by reference, a registry, pulls."""
+
+    def __init__(self, local: dict, registry: dict):
+        self.local, self.registry, self.pulled = local, registry, []
+
+    def get(self, reference):
+        import docker.errors
+
+        if reference not in self.local:
+            raise docker.errors.ImageNotFound(reference)
+        return type("Image", (), {"id": self.local[reference][0], "attrs": {"RepoDigests": self.local[reference][1]}})
+
+    def get_registry_data(self, reference):
+        import docker.errors
+
+        if reference not in self.registry:
+            raise docker.errors.APIError(f"no such host for {reference}")
+        return type("RegistryData", (), {"id": self.registry[reference]})
+
+    def pull(self, repository, tag=None):
+        self.pulled.append(f"{repository}@{tag}")
+
+
+def test_base_image_pinning_rules():
+    pytest.importorskip("docker")
+    from mpack.errors import DockerError
+    from mpack.image.docker import resolve_base
+
+    image_id, digest, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64, "sha256:" + "c" * 64
+    images = _FakeImages(local={"python:3.11-slim": (image_id, [f"python@{digest}"]),
+                                "local/base:1": (image_id, []),
+                                image_id: (image_id, [])},
+                         registry={"python:3.12-slim": other})
+    client = type("Client", (), {"images": images})
+    assert resolve_base(client, "python:3.11-slim") == f"python@{digest}"  # local, with its registry digest
+    assert resolve_base(client, "local/base:1") == image_id  # built or imported here: pinned by image ID
+    assert resolve_base(client, image_id) == image_id
+    assert resolve_base(client, "python:3.12-slim") == f"python@{other}"  # from the registry, then pulled
+    assert images.pulled == [f"python@{other}"]
+    with pytest.raises(DockerError, match="no registry answers"):
+        resolve_base(client, "nowhere/base:1")
+    with pytest.raises(DockerError, match="not in the local engine"):
+        resolve_base(client, "sha256:" + "d" * 64)

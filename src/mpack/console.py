@@ -401,8 +401,8 @@ def render_image(result) -> None:
         for c in result.smoke.checks:
             err.print(f"[green]✓[/] V2 infer {_escape(c.model)} v{_escape(c.version)}: max_abs {c.max_abs_diff:.1e} "
                       f"vs local ONNX Runtime")
-        err.print(f"[green]✓[/] ready in {result.smoke.ready_s:.1f}s, stopped on SIGTERM in "
-                  f"{result.smoke.stop_s:.1f}s (exit {result.smoke.exit_code})")
+        err.print(f"[green]✓[/] ready in {result.smoke.ready_s:.1f}s, health check {result.smoke.health}, stopped on "
+                  f"SIGTERM in {result.smoke.stop_s:.1f}s (exit {result.smoke.exit_code})")
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()

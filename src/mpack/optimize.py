@@ -7,8 +7,11 @@ offline optimization at ``--level`` for ``--provider`` (``SessionOptions.optimiz
 manifest → rename into place. Everything happens in a private directory beside the output; nothing is written
 when a step fails.
 
-N.B. The fusions are ``onnxruntime.transformers.optimizer``, the successor of the obsolete ``onnxruntime-tools``
-package. Its ``optimize_model()`` runs ORT's offline pass through ``optimize_by_onnxruntime()``, which imports torch;
+Fusions come from two places. ``onnxruntime.transformers.optimizer`` (the successor of the obsolete
+``onnxruntime-tools`` package) matches the TorchScript-based exporter's graph of eager attention with a mask and
+finds no attention in dynamo exports; onnxscript's ORT fusions (``onnxscript.rewriter.ort_fusions``) match the
+dynamo exporter's graph. ``--fuser auto`` runs the first, then the second when the first fused no attention.
+N.B. ORT's ``optimize_model()`` runs its offline pass through ``optimize_by_onnxruntime()``, which imports torch;
 mpack runs that pass itself and calls ``optimize_by_fusion()``, so ``mpack[cpu]`` without torch can optimize.
 
 Levels: ``basic`` (constant folding, redundant-node removal) gives a graph any provider runs. ``extended`` and

@@ -107,7 +107,7 @@ class JobPlan:
     id_column: str | None
     outputs: tuple[str, ...]
     fixed_outputs: tuple[bool, ...]
-    format: str
+    format: str  # of the part files: the output's, except Arrow IPC parts for a single .parquet output
     chunk_rows: int
     batch_size: int
     fixed_batch: int | None
@@ -503,7 +503,8 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
 
     plan = JobPlan(model=str(cfg.model.resolve()), providers=tuple(cfg.providers), threads=cfg.threads,
                    source=str(cfg.input.resolve()), inputs=inputs, id_column=cfg.id_column, outputs=tuple(out_names),
-                   fixed_outputs=fixed, format=kind, chunk_rows=chunk_rows, batch_size=cfg.batch_size or 1,
+                   fixed_outputs=fixed, format="arrow" if single and kind == "parquet" else kind,
+                   chunk_rows=chunk_rows, batch_size=cfg.batch_size or 1,
                    fixed_batch=fixed_batch, parts_dir=str(parts_dir.resolve()), total_rows=source.num_rows)
 
     # Batch size: given, fixed by the model, kept from the interrupted run, or probed on the first chunk.

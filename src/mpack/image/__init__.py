@@ -111,7 +111,8 @@ def prepare_context(cfg: ImageConfig, dest: Path, *, client=None,
     say("reading the models")
     models, document = gather_models(cfg.source, cfg.name)
     say(f"pinning the base image {base}")
-    base_ref = engine.pin_offline(base)
+    # With an engine, always resolve: it also checks that a pinned base is present (or pulls it by digest).
+    base_ref = engine.pin_offline(base) if client is None else None
     if base_ref is None:
         if client is None:
             try:
@@ -191,7 +192,8 @@ def run(cfg: ImageConfig, progress: Callable[[str], None] | None = None,
     if cfg.smoke:
         smoke_started = time.perf_counter()
         versions = tuple((m.name, m.version, m.model.source) for m in prepared.ctx.models)
-        result.smoke = engine.smoke_test(client, result.image_id, versions, cfg.smoke_timeout_s, on_event=say)
+        result.smoke = engine.smoke_test(client, result.image_id, versions, cfg.smoke_timeout_s, on_event=say,
+                                         health_command=prepared.ctx.health_command)
         timings["smoke"] = time.perf_counter() - smoke_started
     else:
         result.notes.append("smoke test skipped (--no-smoke)")

@@ -21,7 +21,7 @@ _NAME = rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"sha256:[0-9a-f]{64}"
 TAG_RE = re.compile(rf"^(?P<name>{_NAME}):(?P<tag>{_TAG})$")
-BASE_RE = re.compile(rf"^(?:(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?|(?P<id>{_DIGEST}))$")
+BASE_RE = re.compile(rf"^(?:(?P<id>{_DIGEST})|(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?)$")
 LABEL_KEY_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?$")
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -118,7 +118,8 @@ def validate_tag(tag: str) -> str:
 
 def validate_base(base: str) -> str:
     check_text("--base", base)
-    if not BASE_RE.match(base):
+    match = BASE_RE.match(base)
+    if not match or match.group("name") == "sha256":  # `sha256:abc` is a malformed ID, not an image named sha256
         raise ConfigError("--base", base, "is not a valid image reference",
                           hint="NAME[:TAG][@sha256:DIGEST] or an image ID sha256:..., e.g. python:3.11-slim-bookworm")
     return base

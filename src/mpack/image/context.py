@@ -122,7 +122,7 @@ class ImageContext:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def sbom(self) -> dict:
-        """The image's bill of materials: base image, Python packages (version, wheel, sha256) and models."""
+        """The image's bill of materials: base image and Python packages (version, wheel, sha256)."""
         return {
             "schema": 1,
             "mpack": self.mpack_version,
@@ -130,9 +130,14 @@ class ImageContext:
             "base": {"image": self.base_image, "ref": self.base_ref, "python": self.python_version},
             "packages": [{"name": w.name, "version": w.version, "wheel": w.filename, "sha256": w.sha256}
                          for w in sorted((*self.wheels, self.mpack_wheel), key=lambda w: w.name)],
-            "models": [{"name": m.name, "version": m.version, "path": m.image_path, "sha256": m.model.sha256,
-                        "origin": m.origin, "files": {f.dest: f.sha256 for f in m.files}} for m in self.models],
         }
+
+    def models_index(self) -> dict:
+        """The served models with their sha256 and origin (``models.json``, copied with the models: kept out of
+        sbom.json so that a new model version leaves the SBOM's layer cached)."""
+        return {"schema": 1, "sha256": self.models_sha256,
+                "models": [{"name": m.name, "version": m.version, "path": m.image_path, "sha256": m.model.sha256,
+                            "origin": m.origin, "files": {f.dest: f.sha256 for f in m.files}} for m in self.models]}
 
 
 def build_image_context(*, mpack_version: str, variant: VariantSpec, serving: ServingSpec, base_image: str,
@@ -160,7 +165,7 @@ def build_image_context(*, mpack_version: str, variant: VariantSpec, serving: Se
     server = deploy_document.get("server", {})
     http_port = int(server.get("http_port", serving.http_port))
     grpc_port = server.get("grpc_port", serving.grpc_port)
-    grpc_port = None if grpc_port in (None, "off", "none", "") else int(grpc_port)
+    grpc_port = None if grpc_port in (None, False, "off", "none", "false", "") else int(grpc_port)
     name, _, version = tag.rpartition(":")
     digest = base_ref.rpartition("@")[2] if "@" in base_ref else base_ref
     origins = sorted({m.origin for m in models})
@@ -305,6 +310,7 @@ def context_files(ctx: ImageContext, rendered: dict[str, str]) -> dict[str, str]
     files["requirements.lock"] = lock_text(ctx.wheels, header)
     files["mpack.lock"] = lock_text((ctx.mpack_wheel,), header)
     files["sbom.json"] = json.dumps(ctx.sbom(), indent=2, sort_keys=True) + "\n"
+    files["models.json"] = json.dumps(ctx.models_index(), indent=2, sort_keys=True) + "\n"
     return files
 
 

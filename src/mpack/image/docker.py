@@ -152,7 +152,7 @@ def resolve_base(client, base: str) -> str:
 
 def pin_offline(base: str) -> str | None:
     """A base that is already pinned (``@sha256:`` or an image ID) needs no engine to resolve."""
-    return base if "@sha256:" in base or base.startswith("sha256:") else None
+    return base if re.search(r"(^|@)sha256:[0-9a-f]{64}$", base) else None
 
 
 def context_tar(root: Path, dest: Path) -> Path:
@@ -321,7 +321,8 @@ def check_model(base_url: str, model_path: Path, name: str, version: str, seed: 
 
 
 def smoke_test(client, image_id: str, models: tuple[tuple[str, str, Path], ...], timeout: float,
-               on_event: Callable[[str], None] | None = None) -> SmokeResult:
+               on_event: Callable[[str], None] | None = None,
+               health_command: tuple[str, ...] = ()) -> SmokeResult:
     """Run the image (host network, free ports, loopback only), wait for readiness, check one V2 infer request
     per model version against local ONNX Runtime, then stop it with SIGTERM and expect exit code 0.
 
@@ -331,6 +332,7 @@ def smoke_test(client, image_id: str, models: tuple[tuple[str, str, Path], ...],
         models: (name, version, host path of the .onnx) per served version.
         timeout: Seconds the server may take to become ready.
         on_event: Progress messages.
+        health_command: The image's HEALTHCHECK command, run once the server is ready. Defaults to none.
 
     Raises:
         DockerError: it exited, never became ready, answered wrongly or did not stop on SIGTERM, with the
@@ -369,8 +371,17 @@ def smoke_test(client, image_id: str, models: tuple[tuple[str, str, Path], ...],
         if failed:
             raise _smoke_failure(container, f"model {failed[0].model} version {failed[0].version}: "
                                             f"{failed[0].problem}")
-        container.reload()
-        health = (container.attrs.get("State", {}).get("Health") or {}).get("Status")
+        if health_command:
+            # The HEALTHCHECK's own command, run now rather than after its interval: it must pass on a ready server.
+            say("running the image's health check")
+            code, output = container.exec_run(list(health_command))
+            if code != 0:
+                raise _smoke_failure(container, f"the image's health check exited with {code}: "
+                                                f"{output.decode('utf-8', 'replace').strip()[:200]}")
+            health = "healthy"
+        else:
+            container.reload()
+            health = (container.attrs.get("State", {}).get("Health") or {}).get("Status")
         say("stopping (SIGTERM)")
         stop_started = time.perf_counter()
         container.stop(timeout=30)

@@ -190,6 +190,15 @@ def runtime_requirements(mpack_wheel: Path, serve_extra: str, runtime_extra: str
     return tuple(sorted(set(requirements))), tuple(sorted(set(constraints)))
 
 
+def target_args(platforms: tuple[str, ...], python: str) -> list[str]:
+    """pip options selecting wheels for the image (not this machine): binary only, its platforms, its CPython."""
+    args = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+            "--abi", "cp" + python.replace(".", "")]
+    for platform in platforms:
+        args += ["--platform", platform]
+    return args
+
+
 def resolve(requirements: tuple[str, ...], constraints: tuple[str, ...], platforms: tuple[str, ...],
             python: str, cache_dir: Path) -> tuple[tuple[LockedWheel, ...], Path]:
     """Download the closure of ``requirements`` as wheels for the target platform and Python, and pin them.
@@ -200,7 +209,6 @@ def resolve(requirements: tuple[str, ...], constraints: tuple[str, ...], platfor
     Returns:
         (wheels sorted by name, the folder holding them).
     """
-    abi = "cp" + python.replace(".", "")
     key_doc = json.dumps({"schema": LOCK_SCHEMA, "requirements": requirements, "constraints": constraints,
                           "platforms": platforms, "python": python}, sort_keys=True)
     key = hashlib.sha256(key_doc.encode()).hexdigest()[:24]
@@ -214,11 +222,8 @@ def resolve(requirements: tuple[str, ...], constraints: tuple[str, ...], platfor
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
     try:
         (staging / "constraints.txt").write_text("".join(f"{c}\n" for c in constraints))
-        args = ["download", "-q", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-                "--abi", abi, "-d", str(staging),
+        args = ["download", "-q", *target_args(platforms, python), "-d", str(staging),
                 "-c", str(staging / "constraints.txt")]
-        for platform in platforms:
-            args += ["--platform", platform]
         _run_pip(args + list(requirements),
                  "resolving the image's Python packages")
         (staging / "constraints.txt").unlink()
