@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,torch,tf,image,batch,queue,dev
+EXTRAS ?= cpu,torch,tf,image,batch,queue,serve,dev
 
 .PHONY: install demo test clean
 

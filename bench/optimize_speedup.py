@@ -1,6 +1,6 @@
 """What `mpack optimize` buys on a BERT, alone and under INT8: fp32, fused fp32, INT8 and fused INT8, one run.
 
-    .venv/bin/python -m bench.optimize_speedup [--iterations 60] [--warmup 10] [--seq 128] [--batches 1,8]
+    .venv/bin/python -m bench.optimize_speedup [--iterations 80] [--warmup 10] [--seq 128] [--batches 1,8]
 
 The model is the fixture BERT at benchmark size (hidden 256, 4 layers, 4 heads, intermediate 1024; random weights,
 built in code: fixtures/transformer_models.py), exported by `mpack convert --exporter torchscript` (the graph
@@ -121,7 +121,7 @@ def measure(models: dict[str, Path], batch: int, seq: int, threads: int, warmup:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batches", default="1,8")

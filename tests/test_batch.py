@@ -443,3 +443,25 @@ def test_ray_engine_resumes_a_local_job_and_listens_on_loopback_only(tmp_path, m
     assert sockets, "found no Ray listening sockets to check"
     exposed = [(pid, address) for pid, address in sockets if not _is_loopback(address)]
     assert not exposed, exposed
+
+
+def test_ray_engine_reports_bad_data_in_a_chunk_as_one_clean_line(tmp_path, model, local_ray):
+    rows = [json.dumps({"x": [0.5] * (31 if i == 1500 else 32)}) for i in range(2000)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    result = mpack("batch", model, data, "-o", tmp_path / "out.parquet", "--chunk-rows", "1000", "--engine", "ray")
+    assert_clean_error(result, 2, "has rows of different shapes")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_one_runs(tmp_path, model):
+    data = write_input(tmp_path / "in.parquet", features(RESUME_ROWS, seed=4), ids=np.arange(RESUME_ROWS))
+    output = tmp_path / "out.parquet"
+    proc = _start(model, data, output)
+    try:
+        _wait_for_parts(tmp_path / "out.parquet.mpack-batch.json", proc, 1)
+        second = mpack("batch", model, data, "-o", output, "--chunk-rows", str(RESUME_CHUNK), "--id", "id")
+        assert_clean_error(second, 2, "another mpack batch is writing")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -17,7 +17,7 @@ HEAVY = ("torch", "tensorflow", "tf2onnx", "onnx", "onnxruntime")
                                   ["quantize", "--help"], ["bench", "--help"], ["optimize", "--help"],
                                   ["export", "triton", "--help"], ["export", "k8s", "--help"],
                                   ["build-image", "--help"], ["batch", "--help"], ["worker", "--help"],
-                                  ["--version"]])
+                                  ["serve", "--help"], ["--version"]])
 def test_help_imports_no_framework(argv):
     script = (
         "import json, sys\n"

@@ -61,3 +61,9 @@ def test_inspect_bad_files(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\xff\xfe not protobuf at all" * 3)
     assert_clean_error(mpack("inspect", junk), 2, "not an ONNX model")
+
+
+def test_inspect_rejects_bytes_that_parse_as_empty_protobuf(tmp_path):
+    odd = tmp_path / "notes.json"
+    odd.write_text("x\n")  # a valid (empty) protobuf message, but no model
+    assert_clean_error(mpack("inspect", odd), 2, "not an ONNX model")

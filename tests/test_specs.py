@@ -42,3 +42,9 @@ def test_random_feeds_are_seeded_and_typed():
     assert a["x"].shape == (2, 3) and a["x"].dtype == np.float32
     assert a["ids"].dtype == np.int64 and a["ids"].min() >= 0
     assert a["m"].dtype == np.bool_
+
+
+def test_mask_inputs_are_zero_or_one():
+    feeds = random_feeds([parse_input_spec("attention_mask:batch,seq:int64")], {"batch": 3, "seq": 9}, seed=1)
+    mask = feeds["attention_mask"]
+    assert set(np.unique(mask)) <= {0, 1} and (mask[:, 0] == 1).all()

@@ -23,6 +23,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "sympy": ("ONNX Runtime's transformer fusions", "cpu"),
     "docker": ("Building serving images", "image"),
     "jinja2": ("Rendering the image templates", "image"),
+    "pyarrow": ("Parquet files", "batch"),
+    "redis": ("Queue workers (Redis Streams)", "queue"),
 }
 
 # The `onnxruntime` module ships in two distributions that overwrite each other; either one satisfies us.

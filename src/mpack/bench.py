@@ -482,13 +482,13 @@ def run(cfg: BenchConfig, progress: Callable[[int], Callable[[], None]] | None =
 
 
 def _warn_provider_mismatch(cfg: BenchConfig, result: BenchResult) -> None:
+    from mpack.optimize import provider_mismatch
+
     for model in cfg.models:
-        data = manifest.load(Path(model)) or {}
-        target = next((h.get("provider") for h in reversed(data.get("history", []))
-                       if h.get("step") == "optimize" and h.get("provider")), None)
-        if target and any(p != target for p in cfg.providers):
-            result.notes.append(f"{Path(model).name} was optimized for the {target} provider: figures on other "
-                                "providers do not describe it fairly")
+        for provider in cfg.providers:
+            warning = provider_mismatch(model, provider)
+            if warning:
+                result.notes.append(warning)
 
 
 def _record(cfg: BenchConfig, result: BenchResult) -> None:

@@ -141,7 +141,9 @@ def optimize(
     level: Annotated[str, typer.Option(
         help="ONNX Runtime graph optimization: basic (runs on any provider), extended or all (bound to "
              "--provider; all also to this CPU).")] = "basic",
-    provider: Annotated[str, typer.Option(help="Execution provider the graph is optimized for: cpu or cuda.")] = "cpu",
+    provider: Annotated[str, typer.Option(
+        help="Execution provider the graph is optimized and verified for: cpu, cuda, or auto (cpu; cuda with "
+             "--float16 when a CUDA device works here).")] = "auto",
     model_type: Annotated[str, typer.Option(
         help="Transformer fusions: auto (detected from the graph), none, or an ONNX Runtime model type "
              "(bert, bart, gpt2, vit, ...).")] = "auto",
@@ -591,7 +593,10 @@ def worker(
     import threading
 
     from mpack import queue as queue_mod
+    from mpack._optional import require
     from mpack.errors import ConfigError, InputFileError, QueueServiceError
+
+    require("redis")
 
     for field, value, low in (("--max-batch", max_batch, 1), ("--result-ttl", result_ttl, 1),
                               ("--max-deliveries", max_deliveries, 1), ("--max-queue", max_queue or 1, 1)):
@@ -634,6 +639,79 @@ def worker(
         console.print_json(result.to_dict())
     else:
         console.render_worker(result)
+
+
+@app.command()
+@handled(json_flag=None)
+def serve(
+    models: Annotated[Optional[list[str]], typer.Argument(
+        help="Models: PATH, NAME=PATH or NAME:VERSION=PATH (repeat a name for more versions; its first is the "
+             "primary). Default: the deployment file's.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Deployment file (YAML or JSON). "
+                                                   "Default: MPACK_SERVE_CONFIG, else ./mpack.deploy.yaml.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind. Default 127.0.0.1 (loopback only).")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="REST port; 0 picks a free one. Default 8000.")] = None,
+    grpc_port: Annotated[Optional[str], typer.Option(help="gRPC port; 0 picks a free one, off disables. "
+                                                          "Default 8001.")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Most samples per run; 1 turns batching off. "
+                                                               "Default 32.")] = None,
+    max_queue_delay_ms: Annotated[Optional[float], typer.Option(
+        help="Longest a batch waits to reach a preferred size. Default 5.")] = None,
+    max_queue_size: Annotated[Optional[int], typer.Option(
+        help="Most waiting requests per model version; more get 503 / UNAVAILABLE. Default 256.")] = None,
+    preferred_batch_sizes: Annotated[Optional[str], typer.Option(
+        help="Batch sizes worth waiting for, e.g. 8,16. Default none (greedy).")] = None,
+    instances: Annotated[Optional[int], typer.Option(help="Concurrent runs per model version. Default 1.")] = None,
+    canary: Annotated[Optional[list[str]], typer.Option(help="NAME:VERSION=WEIGHT, e.g. cnn:2=10%.")] = None,
+    shadow: Annotated[Optional[list[str]], typer.Option(help="NAME:VERSION[=LOG.jsonl]: mirror requests to it.")
+    ] = None,
+    ab: Annotated[Optional[list[str]], typer.Option(help="NAME:V1=W1,V2=W2 sticky A/B split, e.g. cnn:1=50,2=50.")
+    ] = None,
+    providers: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu, cuda. Default auto.")
+    ] = None,
+    threads: Annotated[Optional[int], typer.Option(help="intra-op threads per session; 0 = ONNX Runtime's "
+                                                        "choice. Default 0.")] = None,
+    max_request_bytes: Annotated[Optional[int], typer.Option(help="Larger bodies get 413. Default 64 MiB.")] = None,
+    access_log: Annotated[Optional[bool], typer.Option("--access-log/--no-access-log",
+                                                       help="JSON access log lines on stderr. Default on.")] = None,
+    drain_timeout: Annotated[Optional[float], typer.Option(help="Seconds in-flight requests get after SIGTERM. "
+                                                                "Default 30.")] = None,
+    drain_delay: Annotated[Optional[float], typer.Option(help="Seconds to keep serving while not-ready after "
+                                                              "SIGTERM. Default 0.")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token the admin endpoints require.")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as "
+                                                                      "JSON and exit.")] = False,
+) -> None:
+    """Serve ONNX models over the V2 inference protocol (REST + gRPC) with batching and canary/shadow/A-B routing.
+
+    Runs until SIGTERM or Ctrl+C, then drains. Example: mpack serve cnn=cnn.onnx --http-port 8000 --grpc-port 8001
+    """
+    from mpack._optional import is_available
+    from mpack.errors import MissingDependencyError
+    from mpack.serving import ServeConfigError, load_config
+
+    overrides = {
+        "host": host, "http_port": http_port, "grpc_port": grpc_port, "max_batch_size": max_batch_size,
+        "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
+        "preferred_batch_sizes": preferred_batch_sizes, "instances": instances, "providers": providers,
+        "threads": threads, "max_request_bytes": max_request_bytes, "access_log": access_log,
+        "drain_timeout_s": drain_timeout, "drain_delay_s": drain_delay, "admin_token": admin_token}
+    try:
+        cfg = load_config(tuple(models or ()), config_file=config, overrides=overrides, canary=tuple(canary or ()),
+                          shadow=tuple(shadow or ()), ab=tuple(ab or ()))
+        if print_config:
+            console.print_json(cfg.to_dict())
+            return
+        for module, extra in (("onnxruntime", "cpu"), ("uvicorn", "serve"), ("grpc", "serve")):
+            if not is_available(module):
+                raise MissingDependencyError(f"mpack serve needs the Python package '{module}', which is not "
+                                             "installed", hint=f"install it with: pip install 'mpack[{extra}]'")
+        from mpack.serving.server import serve as run_server
+
+        code = run_server(cfg)
+    except ServeConfigError as exc:
+        raise MpackError(exc.message, hint=exc.hint) from None
+    raise typer.Exit(code)
 
 
 def _fraction(field: str, text: str) -> float:

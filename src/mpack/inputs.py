@@ -56,7 +56,8 @@ def parity_cases(specs: list[TensorSpec], batch_sizes: tuple[int, ...] = DEFAULT
 
 def random_feeds(specs: list[TensorSpec], sizes: dict[str, int], seed: int = 0,
                  int_high: int = 10) -> dict[str, np.ndarray]:
-    """Seeded random inputs: normal floats, ints in ``[0, int_high)``, random bools."""
+    """Seeded random inputs: normal floats, ints in ``[0, int_high)`` (0/1 for inputs named like masks), random
+    bools."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
@@ -66,6 +67,12 @@ def random_feeds(specs: list[TensorSpec], sizes: dict[str, int], seed: int = 0,
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif "mask" in spec.name.lower():
+            # Attention masks are 0/1; keep the first position unmasked so no row is masked out entirely.
+            mask = rng.integers(0, 2, shape)
+            if mask.ndim:
+                mask[..., 0] = 1
+            feeds[spec.name] = mask.astype(dtype)
         else:
             feeds[spec.name] = rng.integers(0, int_high, shape).astype(dtype)
     return feeds

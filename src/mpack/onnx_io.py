@@ -125,10 +125,16 @@ def load_graph(path: Path):
     if not path.is_file():
         raise InputFileError(f"{path} does not exist", hint="check the path")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        # format: onnx.load picks a parser by file suffix (".json" → JSON); model files are protobuf whatever their name.
+        model = onnx.load(str(path), format="protobuf", load_external_data=False)
     except (DecodeError, ValueError, OSError) as exc:
         raise InputFileError(f"{path} is not an ONNX model ({type(exc).__name__})",
                              hint="give an .onnx file written by an exporter or by mpack convert") from None
+    # Protobuf parses many short byte strings without complaint; a model has an IR version and a graph.
+    if model.ir_version < 1 or not model.HasField("graph"):
+        raise InputFileError(f"{path} is not an ONNX model (no IR version or graph)",
+                             hint="give an .onnx file written by an exporter or by mpack convert")
+    return model
 
 
 def read_facts(path: Path, model=None) -> OnnxFacts:

@@ -22,9 +22,11 @@ so those graphs record their provider in the model's ``metadata_props`` (:data:`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
 import platform
 import shutil
 import statistics
@@ -32,7 +34,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ LEVELS = ("basic", "extended", "all")
 DEFAULT_LEVEL = "basic"
 # Levels whose output graph is bound to the provider (and, for "all", the CPU) it was optimized for.
 PROVIDER_SPECIFIC_LEVELS = ("extended", "all")
-PROVIDERS = ("cpu", "cuda")
+PROVIDERS = ("auto", "cpu", "cuda")
 _ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 # metadata_props keys written into the optimized model. N.B. other commands read OPTIMIZED_FOR_KEY through
@@ -96,7 +98,8 @@ class OptimizeConfig:
         model: The ONNX model to optimize (float32, not quantized).
         output: The .onnx file to write; its manifest goes beside it.
         level: ONNX Runtime graph optimization level: "basic", "extended" or "all". Defaults to "basic".
-        provider: The execution provider the graph is optimized for: "cpu" or "cuda". Defaults to "cpu".
+        provider: The execution provider the graph is optimized (and verified) for: "cpu", "cuda" or "auto" (cpu;
+            cuda with ``float16`` when a CUDA device works here). Defaults to "auto".
         model_type: ONNX Runtime transformer model type ("bert", "gpt2", ...), "auto" (detected from the graph)
             or "none" (no fusions). Defaults to "auto".
         fuser: "ort" (ONNX Runtime's transformer optimizer), "onnxscript" (onnxscript's ORT fusions, which match
@@ -114,7 +117,7 @@ class OptimizeConfig:
     model: Path
     output: Path
     level: str = DEFAULT_LEVEL
-    provider: str = "cpu"
+    provider: str = "auto"
     model_type: str = AUTO
     fuser: str = "auto"
     num_heads: int | None = None
@@ -471,6 +474,47 @@ def _check_config(cfg: OptimizeConfig) -> None:
                               hint=f"use auto, none or one of: {', '.join(known)}")
 
 
+def _cuda_works() -> bool:
+    """Whether a CUDA session really starts here (onnxruntime-gpu lists CUDA even without a GPU)."""
+    import onnxruntime as ort
+
+    if _ORT_PROVIDER["cuda"] not in ort.get_available_providers():
+        return False
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        with silenced():
+            session = ort.InferenceSession(model.SerializeToString(), options,
+                                           providers=[_ORT_PROVIDER["cuda"], _ORT_PROVIDER["cpu"]])
+    except Exception:  # a broken CUDA install: treat as no CUDA
+        return False
+    return session.get_providers()[0] == _ORT_PROVIDER["cuda"]
+
+
+def _resolve_provider(cfg: OptimizeConfig, model, notes: list[str]) -> str:
+    """"auto" → the provider the input was optimized for (if it works here), cuda for --float16 where a CUDA device
+    works, else cpu."""
+    if cfg.provider != "auto":
+        return cfg.provider
+    target = {p.key: p.value for p in model.metadata_props}.get(OPTIMIZED_FOR_KEY)
+    if target == "cuda" and _cuda_works():
+        notes.append("--provider auto: the input was optimized for cuda, so is this model")
+        return "cuda"
+    if not cfg.float16:
+        return "cpu"
+    if _cuda_works():
+        notes.append("--float16: optimized and verified on cuda (found here)")
+        return "cuda"
+    notes.append("--float16 is meant for GPUs; no CUDA device here, so it was optimized and verified on cpu")
+    return "cpu"
+
+
 def _load_input(path: Path):
     try:
         return load_graph(path)
@@ -557,6 +601,18 @@ def _save(model, dest: Path, external: bool) -> None:
         onnx.save_model(model, str(dest))
 
 
+@contextlib.contextmanager
+def _in_dir(path: Path):
+    """Run a block in ``path``: ORT's symbolic shape inference leaves ``sym_shape_infer_temp.onnx`` (and its
+    ``*.data``) in the current directory when it fails; they must land in our private directory, not the user's."""
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
 class _FusionLog(logging.Handler):
     """Collects the transformer optimizer's reasons for not fusing ("failed to match mask path")."""
 
@@ -575,6 +631,7 @@ def _fuse(src: Path, dest: Path, model_type: str, heads: int | None, hidden: int
     """ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, EmbedLayerNormalization, Gelu)."""
     import onnx
 
+    src, dest = src.resolve(), dest.resolve()  # _in_dir changes the working directory
     try:
         with silenced():
             from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
@@ -594,7 +651,7 @@ def _fuse(src: Path, dest: Path, model_type: str, heads: int | None, hidden: int
         lg.propagate = False
         lg.addHandler(log)
     try:
-        with silenced("onnx_model", "fusion_utils", "onnx_model_bert"):
+        with _in_dir(dest.parent), silenced("onnx_model", "fusion_utils", "onnx_model_bert"):
             model = onnx.load(str(src))
             fused = optimize_by_fusion(model, model_type, heads or 0, hidden or 0, options)
             fused.topological_sort()
@@ -649,6 +706,7 @@ def _attention_added(before: Counter, path: Path) -> bool:
 def _to_float16(src: Path, dest: Path, keep_io: bool, external: bool) -> None:
     import onnx
 
+    src, dest = src.resolve(), dest.resolve()  # _in_dir changes the working directory
     try:
         with silenced():
             from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
@@ -656,7 +714,7 @@ def _to_float16(src: Path, dest: Path, keep_io: bool, external: bool) -> None:
     except ImportError as exc:
         _missing_optimizer(exc)
     try:
-        with silenced("onnx_model", "float16", "symbolic_shape_infer", "shape_infer_helper"):
+        with _in_dir(dest.parent), silenced("onnx_model", "float16", "symbolic_shape_infer", "shape_infer_helper"):
             model = OnnxModel(onnx.load(str(src)))
             model.convert_float_to_float16(keep_io_types=keep_io,
                                            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FLOAT32)))
@@ -801,13 +859,14 @@ def run(cfg: OptimizeConfig, progress: Callable[[str], None] | None = None) -> O
     step = progress or (lambda message: None)
     _check_config(cfg)
     require("onnxruntime")
+    notes: list[str] = []
+    seconds: dict[str, float] = {}
     source = _load_input(cfg.model)
+    cfg = replace(cfg, provider=_resolve_provider(cfg, source, notes))
     _check_model(cfg, source)
     src_manifest = manifest.load(cfg.model)
     facts_in = read_facts(cfg.model, source)
     specs = facts_in.inputs
-    notes: list[str] = []
-    seconds: dict[str, float] = {}
 
     if cfg.model_type == NONE:
         model_type, type_source, type_reason = None, "none", "--model-type none: fusions skipped"
@@ -962,9 +1021,9 @@ def _write_manifest(cfg: OptimizeConfig, src_manifest: dict | None, final: Path,
     data.setdefault("history", []).append({
         "step": "optimize", "at": created,
         "from": {"path": str(cfg.model), "sha256": manifest.sha256_path(cfg.model)},
-        **{k: record[k] for k in ("level", "provider", "optimized_for", "model_type", "num_heads", "hidden_size",
-                                  "fused_ops", "fusion_status", "nodes_before", "nodes_after", "float16",
-                                  "parity")}})
+        **{k: record[k] for k in ("level", "provider", "optimized_for", "model_type", "fusion_engine", "num_heads",
+                                  "hidden_size", "fused_ops", "fusion_status", "nodes_before", "nodes_after",
+                                  "float16", "parity")}})
     manifest.write_atomic(final.parent / manifest.manifest_path_for(cfg.output).name, data)
 
 

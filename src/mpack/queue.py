@@ -614,7 +614,7 @@ class Worker:
                     break
                 if self.step() and on_step:
                     on_step(self.result)
-        except redis.exceptions.ConnectionError as exc:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise QueueUnavailableError(f"lost Redis at {redact(self.cfg.url)}: {_first_line(exc)}",
                                         hint="unacknowledged jobs stay pending and are claimed by another worker") \
                 from None

@@ -183,6 +183,9 @@ def run(cfg: ValidateConfig, progress: Callable[[str], None] | None = None) -> V
     _check_same_inputs(cfg.models, graphs, specs)
     outputs = [s.name for s in graphs[0].outputs]
     notes: list[str] = []
+    from mpack.optimize import provider_mismatch
+
+    notes += [w for m in cfg.models for p in providers if (w := provider_mismatch(m, p))]
 
     if cfg.data is not None:
         feeds = load_samples(cfg.data, specs, "--data")

@@ -405,7 +405,7 @@ def probe_batch_size(runner: ChunkRunner, feeds: dict[str, np.ndarray], rows: in
         batch = {k: v[:size] for k, v in feeds.items()}
         runner.run(batch, size, batch_size=size)  # warm-up: first call at a new shape allocates
         calls, begin = 0, time.perf_counter()
-        while calls < 3 or time.perf_counter() - begin < PROBE_SECONDS:
+        while calls < 2 or time.perf_counter() - begin < PROBE_SECONDS:
             runner.run(batch, size, batch_size=size)
             calls += 1
         rate = calls * size / (time.perf_counter() - begin)
@@ -478,6 +478,7 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
     digest = _hash(params)
     state_path = state_path_for(cfg.output)
     parts_dir = parts_dir_for(cfg.output, single)
+    lock = _lock(cfg.output)
     state = JobState.load(state_path)
     notes: list[str] = []
     if state is not None and state.data.get("params_hash") != digest:
@@ -548,10 +549,27 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
     state_path.unlink(missing_ok=True)
     if single:
         shutil.rmtree(parts_dir, ignore_errors=True)
+    Path(lock.name).unlink(missing_ok=True)
+    lock.close()
     return BatchResult(output=cfg.output, format=kind, engine=cfg.engine, rows=source.num_rows,
                        rows_resumed=resumed_rows, parts=plan.num_parts, chunk_rows=chunk_rows, batch_size=batch_size,
                        batch_size_source=batch_source, inputs={i.name: i.column for i in inputs}, outputs=out_names,
                        id_column=cfg.id_column, seconds=time.perf_counter() - started, probe=probe, notes=notes)
+
+
+def _lock(output: Path):
+    """Hold ``OUTPUT.mpack-batch.lock`` (flock) while this process runs the job: a second run on the same output
+    would interleave parts and commits. The kernel drops the lock when the process dies, however it dies."""
+    import fcntl
+
+    handle = open(output.with_name(output.name + ".mpack-batch.lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputFileError(f"another mpack batch is writing {output} right now",
+                             hint="wait for it, or give another -o") from None
+    return handle
 
 
 def _replace(plan: JobPlan, **changes) -> JobPlan:

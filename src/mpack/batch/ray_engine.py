@@ -17,13 +17,23 @@ A local instance (no ``--ray-address`` and no ``RAY_ADDRESS``) is started bound 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from mpack.batch import JobPlan, JobState, Progress
 from mpack.errors import MissingDependencyError, MpackError, first_line
+
+
+class ChunkFailed(Exception):
+    """An MpackError raised in an actor, in a form that survives Ray's pickling (MpackError subclasses take other
+    constructor arguments than their ``args``, so they cannot be rebuilt on the driver)."""
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int = 2) -> None:
+        super().__init__(message, hint, exit_code)
 
 
 class PartWorker:
@@ -37,6 +47,12 @@ class PartWorker:
         self.runner = ChunkRunner(plan)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._parts(batch)
+        except MpackError as exc:
+            raise ChunkFailed(exc.message, exc.hint, exc.exit_code) from None
+
+    def _parts(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mpack.batch import formats
 
         rows = []
@@ -66,7 +82,7 @@ def start_local(num_cpus: int | None = None):
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="warning", configure_logging=True)
+             logging_level="error", configure_logging=True)
     return ray
 
 
@@ -91,7 +107,7 @@ def run_parts(plan: JobPlan, state: JobState, address: str | None, actors: int |
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):
             try:
-                ray.init(address=address, log_to_driver=False, logging_level="warning")
+                ray.init(address=address, log_to_driver=False, logging_level="error")
             except Exception as exc:  # ConnectionError, or Ray's own types for a bad address
                 raise MpackError(f"cannot connect to the Ray cluster at {address or os.environ['RAY_ADDRESS']}: "
                                  f"{first_line(exc)}", hint="check --ray-address (e.g. auto, ray://HOST:10001)") \
@@ -102,14 +118,27 @@ def run_parts(plan: JobPlan, state: JobState, address: str | None, actors: int |
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # mpack draws its own bar from the committed parts
     context.print_on_execution_start = False
+    # The actor's own exception, not Ray Data's UserCodeException wrapper: a ConfigError about a chunk's data then
+    # reaches the user as the same one-line error as on the local engine.
+    context.raise_original_map_exception = True
+    _quiet_ray_data()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = plan.threads or 1
+    # Each actor reserves `threads` CPUs, so its session gets that many intra-op threads (ONNX Runtime's default,
+    # every core of the node, would oversubscribe a node running several actors).
+    plan = dataclasses.replace(plan, threads=threads)
     count = max(1, min(actors or max(1, cpus // threads), len(pending)))
     dataset = ray.data.from_items([{"index": i} for i in pending], override_num_blocks=min(len(pending), count * 4))
-    dataset = dataset.map_batches(PartWorker, fn_constructor_kwargs={"plan": plan}, batch_size=1, concurrency=count,
-                                  num_cpus=min(threads, cpus), batch_format="numpy")
+    # max_restarts=0: an actor that dies fails the job (the parts it finished are recorded and the same command
+    # resumes the rest) rather than being restarted by Ray, which warns it may not manage to. Ray 2.60 deprecates
+    # passing it this way but names no other (its own actor pool code points to this form), hence the filter.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        dataset = dataset.map_batches(PartWorker, fn_constructor_kwargs={"plan": plan}, batch_size=1,
+                                      compute=ray.data.ActorPoolStrategy(size=count), num_cpus=min(threads, cpus),
+                                      batch_format="numpy", max_restarts=0)
     done_rows = state.data["rows_done"]
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -128,12 +157,29 @@ def run_parts(plan: JobPlan, state: JobState, address: str | None, actors: int |
             ray.shutdown()
 
 
+def _quiet_ray_data() -> None:
+    # Ray Data logs each execution's plan and stats (and each task error) to the console; they still go to its
+    # session log file.
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.CRITICAL)  # errors reach the user as exceptions, once
+
+
 def _user_error(exc: BaseException) -> MpackError | None:
-    """The MpackError an actor raised (bad data in some chunk), out of Ray's wrappers, if that is what this is."""
+    """The MpackError an actor raised (bad data in some chunk), out of Ray's wrappers, if that is what this is.
+
+    Ray re-raises an actor's exception as ``RayTaskError(ChunkFailed)``, whose ``cause`` is the original object.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, MpackError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, ChunkFailed) and cause is None:
+            message, hint, exit_code = exc.args
+            error = MpackError(str(message).splitlines()[0], hint)  # Ray appends its retry advice to the message
+            error.exit_code = exit_code
+            return error
+        exc = cause or exc.__cause__ or exc.__context__
     return None

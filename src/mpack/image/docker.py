@@ -21,6 +21,7 @@ from typing import Callable
 from mpack.errors import DockerError, first_line
 
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 ENGINE_HINT = ("start one (sudo systemctl start docker) and set DOCKER_HOST if it is not the default socket; "
                "in a source checkout: export DOCKER_HOST=\"$(scripts/docker-engine.sh up)\"")
 
@@ -143,8 +144,9 @@ def resolve_base(client, base: str) -> str:
         digest = base.split("@")[1] if "@" in base else client.images.get_registry_data(base).id
         client.images.pull(repo, tag=digest)
     except (docker.errors.APIError, docker.errors.DockerException) as exc:
+        reason = getattr(exc, "explanation", None) or first_line(exc, 160)
         raise DockerError(
-            f"base image {base} is not in the local engine and no registry answers ({first_line(exc, 160)})",
+            f"base image {base} is not in the local engine and no registry answers ({str(reason)[:200]})",
             hint="pull or load it where a registry is reachable (docker pull / docker load), or use a local base: "
                  "scripts/docker-engine.sh base-image, then --base local/debian-py:bookworm") from None
     return f"{repo}@{digest}"
@@ -239,7 +241,10 @@ def build(client, context_dir: Path, tag: str, *, created: str, timeout: float,
 
 def _build_failure(message: str, current: dict, log: list[str]) -> DockerError:
     step = f"step {current['index']} ({current['instruction'][:80]})" if current else "before the first step"
-    tail = tuple(log[-12:])
+    # The failing step's own output (from its "Step N/M" line), its last lines; no colour codes.
+    start = max((i for i, line in enumerate(log) if _STEP_RE.match(line)), default=0)
+    lines = [_ANSI_RE.sub("", line) for line in log[start:]]
+    tail = tuple(line for line in lines if line.strip() and not line.startswith("Removing intermediate"))[-15:]
     return DockerError(f"docker build failed at {step}: {first_line(Exception(message), 240)}",
                        hint="the lines above are the failing step's last output", details=tail)
 

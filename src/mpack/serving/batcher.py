@@ -8,9 +8,10 @@ server waits for it. So:
 - requests that arrive while every instance is busy queue up, and the moment an instance frees, the queue's head
   and every queued request of the same shape (the batch dim aside) go together, up to ``max_batch_size`` samples,
   in arrival order; requests of other shapes wait for the next batch;
-- with ``preferred_batch_sizes``, a batch smaller than the smallest preferred size waits for more requests, but
-  never past ``max_queue_delay_ms`` after its oldest request arrived, and a larger batch is trimmed to the largest
-  preferred size it reaches. This is the only waiting there is: the delay bounds how long a batch may wait to fill.
+- opt-in, with ``preferred_batch_sizes`` (Triton's policy): a batch smaller than the smallest preferred size waits
+  for more requests, even on an idle model, but never past ``max_queue_delay_ms`` after its oldest request arrived,
+  and a larger batch is trimmed to the largest preferred size it reaches. This is the only waiting there is: the
+  delay bounds how long a batch may wait to fill, and without preferred sizes nothing waits but for a free instance.
 - at most ``max_queue_size`` requests wait; one more is refused at once (QueueFullError → 503 / UNAVAILABLE)
   rather than queued for longer than any client waits.
 

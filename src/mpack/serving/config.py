@@ -140,7 +140,12 @@ class ServeConfig:
             if isinstance(value, tuple):
                 return [conv(v) for v in value]
             if hasattr(value, "__dataclass_fields__"):
-                return {k: conv(getattr(value, k)) for k in value.__dataclass_fields__}
+                data = {k: conv(getattr(value, k)) for k in value.__dataclass_fields__}
+                if isinstance(value, ModelSpec):
+                    data["versions"] = {v: str(p) for v, p in value.versions}
+                if isinstance(value, ABSpec):
+                    data["split"] = dict(value.split)
+                return data
             return value
 
         return conv(self)

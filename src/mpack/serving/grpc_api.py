@@ -63,6 +63,8 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
                 raise InvalidInputError(f"input {name}: {len(data)} bytes of raw data, shape {list(shape)} of "
                                         f"{tensor.datatype} needs {count * dtype.itemsize}")
             array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+            if not array.flags.aligned:
+                array = array.copy()
         else:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None:

@@ -89,7 +89,9 @@ class OrtRunner:
         options.intra_op_num_threads = threads
         # One inference at a time per instance thread: inter-op parallelism only adds threads fighting for cores.
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        # Fatal only: a run that fails is answered to its client and counted; ORT's own error lines would repeat it
+        # on stderr for every bad request.
+        options.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=resolve_providers(providers, ort.get_available_providers()))

@@ -87,6 +87,8 @@ def decode_rest(body: bytes, header_length: int | None, model: str, version: str
                 raise InvalidInputError(f"input {name}: {size} bytes of binary data, shape {list(shape)} of "
                                         f"{item['datatype']} needs {count * dtype.itemsize}")
             array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
+            if not array.flags.aligned:  # the JSON header's length decides the offset: copy to aligned memory
+                array = array.copy()
             offset += size
         else:
             if "data" not in item:
