@@ -222,18 +222,23 @@ def test_plain_graph_without_manifest(tmp_path):
     assert manifest["source"]["format"] == "onnx" and [h["step"] for h in manifest["history"]] == ["optimize"]
 
 
-def test_optimized_graph_quantizes(bert_ts, tmp_path):
-    """The fused graph goes through ONNX Runtime's dynamic quantization (what mpack quantize builds on)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = tmp_path / "bert.opt.onnx"
-    mpack("optimize", bert_ts, "-o", out)
-    quantize_dynamic(str(out), str(tmp_path / "bert.int8.onnx"), per_channel=True, weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+def test_optimize_then_quantize_chain(bert_ts, tmp_path):
+    """convert → optimize → quantize: the fused graph quantizes (fused contrib ops need the default tensor type
+    set), stays within the accuracy budget, and the manifest holds the whole chain."""
+    model = _copy(bert_ts, tmp_path)
+    fused = tmp_path / "bert.opt.onnx"
+    assert mpack("optimize", model, "-o", fused).exit_code == 0
+    result = mpack("quantize", fused, "-o", tmp_path / "bert.int8.onnx", "--json")
+    assert result.exit_code == 0, result
+    data = json.loads(result.stdout)
+    assert data["mode"] == "dynamic" and data["quantized_ops"]
+    assert all(a["cosine"] >= 0.99 for a in data["accuracy"])
+    manifest = json.loads((tmp_path / "bert.int8.mpack.json").read_text())
+    assert [h["step"] for h in manifest["history"]] == ["convert", "optimize", "quantize"]
+    assert manifest["optimization"] and manifest["quantization"]["mode"] == "dynamic"
     got = ort.InferenceSession(str(tmp_path / "bert.int8.onnx")).run(None, _feeds())[0]
     want = ort.InferenceSession(str(bert_ts)).run(None, _feeds())[0]
-    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
-    assert cosine > 0.99
+    assert float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)) > 0.99
 
 
 def test_runs_without_torch(bert_ts, tmp_path):
