@@ -1,12 +1,13 @@
 """Rows/s of `mpack batch` end to end against a bare `session.run` loop over the same rows (goal: ratio >= 0.9).
 
-    .venv/bin/python bench/batch_throughput.py [--rows 200000] [--repeats 3] [--no-memory]
+    .venv/bin/python bench/batch_throughput.py [--rows 500000] [--repeats 5] [--no-memory]
 
 The bare loop gets every row already in memory as one array and only calls `session.run` (same batch size, same
 session options); `mpack batch` reads the input file, converts, infers, writes part files, commits its record and
 assembles the output, all inside the timing. Runs alternate (bare, mpack, bare, ...) so drift hits both alike; the
-ratio is the median of the per-pair ratios. Two models: the tiny fixture MLP (hidden 64: inference costs next to nothing, so this is the
-worst case, pure I/O) and a wider one (hidden 4096) whose inference cost is closer to a real model's.
+ratio is the median of the per-pair ratios. Two models: the tiny fixture MLP (hidden 64: inference costs next to
+nothing, so this is the worst case, pure I/O) and a wider one (hidden 4096) whose inference cost is closer to a real
+model's.
 
 The memory section runs one job in a fresh process on 256 MiB of input (4 KiB per row) with the default automatic
 chunk size and reports its peak RSS against the same process on a tiny input.
@@ -104,9 +105,9 @@ def memory_section(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
 

@@ -20,10 +20,21 @@ def image_cache() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def mpack_wheel(tmp_path_factory) -> Path:
+    """mpack's wheel, built once from the source tree: every image of the session gets the same one, so a file
+    edited in the tree mid-session cannot make two builds differ (and each build saves a wheel build)."""
+    from mpack import __version__
+    from mpack.image.wheels import build_mpack_wheel
+
+    return build_mpack_wheel(tmp_path_factory.mktemp("mpack-wheel"), __version__)
+
+
 @pytest.fixture(autouse=True)
-def _image_cache_env(image_cache, monkeypatch):
-    # The CLI reads the wheel cache from MPACK_CACHE_DIR.
+def _image_cache_env(image_cache, mpack_wheel, monkeypatch):
+    # The CLI reads the wheel cache from MPACK_CACHE_DIR and takes a ready mpack wheel from MPACK_WHEEL.
     monkeypatch.setenv("MPACK_CACHE_DIR", str(image_cache))
+    monkeypatch.setenv("MPACK_WHEEL", str(mpack_wheel))
 
 
 @pytest.fixture(scope="session")

@@ -337,8 +337,9 @@ def test_memory_stays_bounded_on_a_file_larger_than_a_chunk(tmp_path):
     def peak_rss_mb(*args) -> float:
         # VmHWM of the child's own memory, not ru_maxrss: Linux carries the parent's RSS into a child's ru_maxrss
         # across fork + exec, which would hide the figure under pytest's (or this script's) own size.
+        argv = [str(a) for a in args]
         script = ("from mpack.cli import app\n"
-                  f"try:\n    app({[str(a) for a in args]!r})\nexcept SystemExit as exc:\n    assert not exc.code, exc\n"
+                  f"try:\n    app({argv!r})\nexcept SystemExit as exc:\n    assert not exc.code, exc\n"
                   "print(next(int(ln.split()[1]) for ln in open('/proc/self/status')\n"
                   "           if ln.startswith('VmHWM')) / 1024)\n")
         proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO, assert_clean_error, mpack
 
-HEAVY = ("torch", "tensorflow", "tf2onnx", "onnx", "onnxruntime")
+HEAVY = ("torch", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "ray", "redis", "pyarrow")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["inspect", "--help"], ["validate", "--help"],

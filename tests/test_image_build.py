@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_clean_error, mpack
-from tests.image_helpers import BASE_IMAGE, _image_cache_env, image_cache, mlp_model  # noqa: F401 (fixtures)
+from tests.image_helpers import (  # noqa: F401 (fixtures)
+    BASE_IMAGE, _image_cache_env, image_cache, mlp_model, mpack_wheel)
 
 pytest.importorskip("docker")
 pytestmark = pytest.mark.docker
@@ -166,6 +167,9 @@ def test_size_budget_exceeded_exits_8_and_is_recorded(built, mlp_model):
                          "--label", "=".join(TRICKY_LABEL))
     assert_clean_error(result, 8, "over its budget of 1.0 MB")
     assert data is not None and data["over_budget"] and not data["passed"] and data["size_bytes"] > 10**6
+    # the same model again (its manifest has grown since): every step is cached but the two FROMs and the LABEL
+    # carrying the build time
+    assert data["build_steps"]["total"] - data["build_steps"]["cached"] == 3
     manifest = json.loads(mlp_model.with_name("mlp.mpack.json").read_text())
     assert manifest["history"][-1]["over_budget"] is True
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, assert_clean_error, mpack
-from tests.image_helpers import _image_cache_env, image_cache, mlp_model  # noqa: F401 (fixtures)
+from tests.image_helpers import _image_cache_env, image_cache, mlp_model, mpack_wheel  # noqa: F401 (fixtures)
 
 pytest.importorskip("jinja2")
 
@@ -441,3 +441,26 @@ def test_base_image_pinning_rules():
         resolve_base(client, "nowhere/base:1")
     with pytest.raises(DockerError, match="not in the local engine"):
         resolve_base(client, "sha256:" + "d" * 64)
+
+
+def test_mpack_wheel_from_the_source_tree_is_reproducible(tmp_path, monkeypatch):
+    from mpack import __version__
+    from mpack.image.wheels import build_mpack_wheel, runtime_requirements
+
+    monkeypatch.delenv("MPACK_WHEEL")
+    first = build_mpack_wheel(tmp_path / "a", __version__)
+    second = build_mpack_wheel(tmp_path / "b", __version__)
+    assert first.read_bytes() == second.read_bytes()
+    requirements, constraints = runtime_requirements(first, "serve", "cpu", "onnxruntime", ())
+    names = {r.split("=")[0].split("[")[0] for r in requirements}
+    assert "onnxruntime" in names and "uvicorn" in names and not names & {"torch", "onnx", "typer", "sympy"}
+    assert "numpy==2.4.6" in constraints and "protobuf==6.33.6" in constraints
+
+
+def test_context_only_refuses_a_folder_with_files(tmp_path, mlp_model):
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "keep.txt").write_text("mine")
+    result = mpack("build-image", mlp_model, "--tag", "a/b:1", "--base", PINNED_BASE, "--context-only",
+                   tmp_path / "ctx")
+    assert_clean_error(result, 2, "--context-only", "not an empty folder")
+    assert [p.name for p in (tmp_path / "ctx").iterdir()] == ["keep.txt"]

@@ -281,3 +281,11 @@ def test_worker_with_a_missing_model_is_a_bad_input(tmp_path, redis_url):
 
 def test_worker_rejects_bad_options(model):
     assert_clean_error(mpack("worker", model, "--max-batch", "0"), 2, "--max-batch")
+
+
+def test_the_queue_module_stands_alone():
+    """The serving image may import mpack.queue: it must pull in no other part of mpack (only numpy and redis)."""
+    script = "import sys, mpack.queue\nprint(sorted(m for m in sys.modules if m.startswith('mpack')))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['mpack', 'mpack.queue']"

@@ -39,7 +39,8 @@ def test_field_numbers_match_the_published_protocol():
     assert number(pb.ModelInferRequest, "outputs") == 6 and number(pb.ModelInferRequest, "inputs") == 5
     assert number(pb.ModelInferResponse, "raw_output_contents") == 6
     assert number(pb.ModelInferRequest.InferInputTensor, "contents") == 5
-    assert number(pb.InferTensorContents, "fp32_contents") == 6 and number(pb.InferTensorContents, "bytes_contents") == 8
+    assert number(pb.InferTensorContents, "fp32_contents") == 6
+    assert number(pb.InferTensorContents, "bytes_contents") == 8
     assert number(pb.ModelMetadataResponse, "outputs") == 5 and number(pb.ServerMetadataResponse, "extensions") == 3
     assert number(pb.ModelStreamInferResponse, "infer_response") == 2
     assert number(pb.ModelConfig, "max_batch_size") == 4 and number(pb.ModelConfig, "dynamic_batching") == 11

@@ -120,6 +120,19 @@ def test_cli_reports_an_unloadable_model(onnx_files, monkeypatch):
     monkeypatch.chdir(onnx_files)
     result = mpack("serve", "cnn=a.onnx", "--http-port", "0", "--grpc-port", "0")
     assert_clean_error(result, 2, "ONNX Runtime cannot load it")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        result = mpack("serve", "cnn=a.onnx", "--http-port", "0", "--grpc-port", "0", "--providers", "cuda")
+        assert_clean_error(result, 2, "cuda is not available", "available: cpu")
+
+
+def test_deploy_file_is_found_in_the_current_directory_or_through_the_environment(onnx_files):
+    (onnx_files / "mpack.deploy.yaml").write_text("models: {here: a.onnx}\n")
+    (onnx_files / "other.json").write_text(json.dumps({"models": {"there": {"versions": {"1": "b.onnx"}}}}))
+    assert [m.name for m in load_config(env={}, cwd=onnx_files).models] == ["here"]
+    cfg = load_config(env={"MPACK_SERVE_CONFIG": str(onnx_files / "other.json")}, cwd=onnx_files)
+    assert [m.name for m in cfg.models] == ["there"] and cfg.model("there").path("1") == onnx_files / "b.onnx"
 
 
 # ---- batcher --------------------------------------------------------------------------------------------------------
@@ -311,6 +324,22 @@ def test_serving_imports_nothing_of_the_rest_of_mpack():
                 if name == "mpack" or (name.startswith("mpack.") and not name.startswith("mpack.serving")):
                     pytest.fail(f"{path.name} imports {name}")
                 assert name.split(".")[0] not in ("typer", "rich", "onnx", "torch", "tensorflow"), (path.name, name)
+
+
+def test_python_m_mpack_serving_needs_no_cli_dependencies():
+    """The image entry point: `python -m mpack.serving` parses its arguments without typer, rich or onnx."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = ("import sys\n"
+              "from mpack.serving.__main__ import main\n"
+              "code = main(['no-such.onnx'])\n"
+              "print([m for m in ('typer', 'rich', 'onnx', 'torch') if m in sys.modules], code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.stdout.strip() == "[] 2", proc.stdout + proc.stderr
+    assert "error: model no-such version 1" in proc.stderr
 
 
 def test_serve_config_is_frozen():

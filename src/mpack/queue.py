@@ -421,14 +421,20 @@ class Worker:
 
         self._load_model()
         self.client = _client(self.client, self.cfg.url)
+        self._ensure_group()
+        if self.cfg.max_queue is not None:
+            self.client.hset(f"{self.cfg.stream}:config", "max_queue", self.cfg.max_queue)
+        self._forget_dead_consumers()
+
+    def _ensure_group(self) -> None:
+        import redis
+
         try:
+            # id "0": a new group also serves jobs submitted before any worker existed.
             self.client.xgroup_create(self.cfg.stream, self.cfg.group, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        if self.cfg.max_queue is not None:
-            self.client.hset(f"{self.cfg.stream}:config", "max_queue", self.cfg.max_queue)
-        self._forget_dead_consumers()
 
     def _load_model(self) -> None:
         import onnxruntime as ort
@@ -612,7 +618,14 @@ class Worker:
             while not stop.is_set():
                 if self.cfg.max_jobs is not None and self.result.jobs >= self.cfg.max_jobs:
                     break
-                if self.step() and on_step:
+                try:
+                    handled = self.step()
+                except redis.exceptions.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    self._ensure_group()  # the stream was deleted under us (e.g. DEL by an operator): start over
+                    continue
+                if handled and on_step:
                     on_step(self.result)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise QueueUnavailableError(f"lost Redis at {redact(self.cfg.url)}: {_first_line(exc)}",

@@ -17,6 +17,7 @@ Engines: ``local`` (one ONNX Runtime session; reading and writing overlap infere
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import queue
@@ -419,15 +420,37 @@ def probe_batch_size(runner: ChunkRunner, feeds: dict[str, np.ndarray], rows: in
     return chosen, table
 
 
+@dataclass
+class _Setup:
+    """What :func:`run` learns while checking a job, before it writes anything."""
+
+    kind: str
+    single: bool
+    source: formats.Source
+    session: object
+    inputs: tuple[InputPlan, ...]
+    outputs: list[str]
+    fixed_outputs: tuple[bool, ...]
+    fixed_batch: int | None
+    first_feeds: dict[str, np.ndarray]
+
+
 def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
     """Run (or resume) a batch job.
 
     Raises:
-        InputFileError: the model, input or output location is missing or unreadable.
+        InputFileError: the model, input or output location is missing or unreadable, or another run holds it.
         ConfigError: a mapping, dtype or shape does not fit, or the output's record belongs to another job.
         JobInterruptedError: SIGINT stopped the job (exit 130); the same command resumes it.
     """
     started = time.perf_counter()
+    setup = _check(cfg)
+    with _exclusive(cfg.output):
+        return _execute(cfg, setup, progress, started)
+
+
+def _check(cfg: BatchConfig) -> _Setup:
+    """Every check that can fail on the command or the data's first row, before anything is written."""
     if cfg.engine not in ENGINES:
         raise ConfigError("--engine", cfg.engine, f"is not one of {', '.join(ENGINES)}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
@@ -464,36 +487,37 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
     shapes = {name: shape for name, _, shape in model_outputs}
     fixed = tuple(all(isinstance(d, int) for d in shapes[n][1:]) for n in out_names)
     batch_dims = {shape[0] for _, _, shape in model_inputs}
-    fixed_batch = next(iter(batch_dims)) if len(batch_dims) == 1 and isinstance(next(iter(batch_dims)), int) \
-        else None
-
+    fixed_batch = batch_dims.pop() if len(batch_dims) == 1 and isinstance(next(iter(batch_dims)), int) else None
     if source.num_rows == 0:
         raise InputFileError(f"input {cfg.input} has no rows", hint="nothing to infer")
-    # Check the first row against the model before anything is written: a bad mapping fails here, cleanly.
-    runner_plan_columns = list(dict.fromkeys([i.column for i in inputs] + ([cfg.id_column] if cfg.id_column else [])))
-    first = source.read(0, 1, runner_plan_columns)
+    # The first row against the model: a bad mapping, dtype or shape fails here, with nothing written.
+    columns = list(dict.fromkeys([i.column for i in inputs] + ([cfg.id_column] if cfg.id_column else [])))
+    first = source.read(0, 1, columns)
     first_feeds = {i.name: fit_column(first[i.column], i, f"{cfg.input} row 1") for i in inputs}
+    return _Setup(kind, single, source, session, inputs, out_names, fixed, fixed_batch, first_feeds)
 
-    params = _params(cfg, source, inputs, out_names, kind)
+
+def _execute(cfg: BatchConfig, setup: _Setup, progress: Progress | None, started: float) -> BatchResult:
+    """Load or start the job's record, pick the batch size, run the unfinished parts, assemble the output."""
+    kind, single, source = setup.kind, setup.single, setup.source
+    params = _params(cfg, source, setup.inputs, setup.outputs, kind)
     digest = _hash(params)
     state_path = state_path_for(cfg.output)
     parts_dir = parts_dir_for(cfg.output, single)
-    lock = _lock(cfg.output)
     state = JobState.load(state_path)
     notes: list[str] = []
-    if state is not None and state.data.get("params_hash") != digest:
-        if not cfg.restart:
-            old = state.data.get("params", {})
-            changed = [k for k in params if old.get(k) != params[k]] or ["parameters"]
-            raise ConfigError("--output", str(cfg.output), f"has an unfinished job with other {', '.join(changed)} "
-                              f"({state_path.name})",
-                              hint="re-run the original command to resume it, or add --restart to start over")
+    if state is not None and state.data.get("params_hash") != digest and not cfg.restart:
+        old = state.data.get("params", {})
+        changed = [k for k in params if old.get(k) != params[k]] or ["parameters"]
+        raise ConfigError("--output", str(cfg.output), f"has an unfinished job with other {', '.join(changed)} "
+                          f"({state_path.name})",
+                          hint="re-run the original command to resume it, or add --restart to start over")
     if state is not None and (cfg.restart or state.data.get("params_hash") != digest):
         notes.append(f"discarded the previous job's progress ({state.parts_done} parts)")
         state = None
     if state is None:
         _clear_parts(parts_dir, kind, single)
-        chunk_rows = cfg.chunk_rows or _auto_chunk_rows(first_feeds, cfg.batch_size)
+        chunk_rows = cfg.chunk_rows or _auto_chunk_rows(setup.first_feeds, cfg.batch_size)
         state = JobState(state_path, {"schema": STATE_SCHEMA, "params_hash": digest, "params": params,
                                       "chunk_rows": chunk_rows, "batch_size": None, "total_rows": source.num_rows,
                                       "done": [], "rows_done": 0})
@@ -503,21 +527,22 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
     _remove_temporaries(parts_dir)
 
     plan = JobPlan(model=str(cfg.model.resolve()), providers=tuple(cfg.providers), threads=cfg.threads,
-                   source=str(cfg.input.resolve()), inputs=inputs, id_column=cfg.id_column, outputs=tuple(out_names),
-                   fixed_outputs=fixed, format="arrow" if single and kind == "parquet" else kind,
-                   chunk_rows=chunk_rows, batch_size=cfg.batch_size or 1,
-                   fixed_batch=fixed_batch, parts_dir=str(parts_dir.resolve()), total_rows=source.num_rows)
+                   source=str(cfg.input.resolve()), inputs=setup.inputs, id_column=cfg.id_column,
+                   outputs=tuple(setup.outputs), fixed_outputs=setup.fixed_outputs,
+                   format="arrow" if single and kind == "parquet" else kind, chunk_rows=chunk_rows,
+                   batch_size=cfg.batch_size or 1, fixed_batch=setup.fixed_batch,
+                   parts_dir=str(parts_dir.resolve()), total_rows=source.num_rows)
 
-    # Batch size: given, fixed by the model, kept from the interrupted run, or probed on the first chunk.
+    # Batch size: fixed by the model, given, kept from the interrupted run, or probed on the first chunk.
     probe: list[tuple[int, float]] = []
-    if fixed_batch:
-        batch_size, batch_source = fixed_batch, "model"
+    if setup.fixed_batch:
+        batch_size, batch_source = setup.fixed_batch, "model"
     elif cfg.batch_size:
         batch_size, batch_source = cfg.batch_size, "given"
     elif state.data.get("batch_size"):
         batch_size, batch_source = state.data["batch_size"], "resumed"
     else:
-        runner = ChunkRunner(plan, session)
+        runner = ChunkRunner(plan, setup.session)
         sample_rows = min(chunk_rows, MAX_PROBE_BATCH, source.num_rows)
         sample = source.read(0, sample_rows, plan.columns)
         batch_size, probe = probe_batch_size(runner, runner.feeds(sample, f"{cfg.input}"), sample_rows)
@@ -536,7 +561,7 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
 
             ray_engine.run_parts(plan, state, cfg.ray_address, cfg.ray_actors, progress)
         else:
-            _run_local(plan, source, session, state, progress)
+            _run_local(plan, source, setup.session, state, progress)
     except KeyboardInterrupt:
         raise JobInterruptedError(
             f"interrupted after {state.data['rows_done']} of {source.num_rows} rows ({state.parts_done} of "
@@ -549,27 +574,32 @@ def run(cfg: BatchConfig, progress: Progress | None = None) -> BatchResult:
     state_path.unlink(missing_ok=True)
     if single:
         shutil.rmtree(parts_dir, ignore_errors=True)
-    Path(lock.name).unlink(missing_ok=True)
-    lock.close()
     return BatchResult(output=cfg.output, format=kind, engine=cfg.engine, rows=source.num_rows,
                        rows_resumed=resumed_rows, parts=plan.num_parts, chunk_rows=chunk_rows, batch_size=batch_size,
-                       batch_size_source=batch_source, inputs={i.name: i.column for i in inputs}, outputs=out_names,
-                       id_column=cfg.id_column, seconds=time.perf_counter() - started, probe=probe, notes=notes)
+                       batch_size_source=batch_source, inputs={i.name: i.column for i in setup.inputs},
+                       outputs=setup.outputs, id_column=cfg.id_column, seconds=time.perf_counter() - started,
+                       probe=probe, notes=notes)
 
 
-def _lock(output: Path):
+@contextlib.contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
     """Hold ``OUTPUT.mpack-batch.lock`` (flock) while this process runs the job: a second run on the same output
-    would interleave parts and commits. The kernel drops the lock when the process dies, however it dies."""
+    would interleave parts and commits. The kernel drops the lock when the process dies, however it dies; the file is
+    removed when the job finishes."""
     import fcntl
 
-    handle = open(output.with_name(output.name + ".mpack-batch.lock"), "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise InputFileError(f"another mpack batch is writing {output} right now",
-                             hint="wait for it, or give another -o") from None
-    return handle
+    path = output.with_name(output.name + ".mpack-batch.lock")
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputFileError(f"another mpack batch is writing {output} right now",
+                                 hint="wait for it, or give another -o") from None
+        try:
+            yield
+        finally:
+            if not state_path_for(output).exists():  # finished, or failed before writing: nothing to protect
+                path.unlink(missing_ok=True)
 
 
 def _replace(plan: JobPlan, **changes) -> JobPlan:

@@ -162,6 +162,10 @@ def validate(cfg: ImageConfig) -> ImageConfig:
         check_text("--name", cfg.name)
         if not all(c.isalnum() or c in "-_." for c in cfg.name):
             raise ConfigError("--name", cfg.name, "may only use letters, digits, '-', '_' and '.'")
+    if cfg.context_only is not None and cfg.context_only.exists() and (
+            not cfg.context_only.is_dir() or any(cfg.context_only.iterdir())):
+        raise ConfigError("--context-only", str(cfg.context_only), "exists and is not an empty folder",
+                          hint="give a new folder")
     if cfg.templates is not None and not cfg.templates.is_dir():
         raise ConfigError("--templates", str(cfg.templates), "is not a folder")
     if cfg.max_size is not None and cfg.max_size <= 0:

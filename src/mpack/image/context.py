@@ -35,7 +35,7 @@ class ModelFile:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One version of one served model, with the files that travel with it (external data, manifest)."""
+    """One version of one served model, with the files that travel with it (its external data)."""
 
     name: str
     version: str
@@ -221,7 +221,7 @@ def _origin(model_path: Path) -> str:
 
 
 def _model_files(name: str, version: str, path: Path) -> tuple[ModelFile, tuple[ModelFile, ...]]:
-    from mpack import manifest, onnx_io
+    from mpack import onnx_io
     from mpack.image.wheels import sha256_file
 
     if not path.is_file():
@@ -236,9 +236,8 @@ def _model_files(name: str, version: str, path: Path) -> tuple[ModelFile, tuple[
             raise InputFileError(f"{path}: external data {location!r} is missing or outside the model's folder",
                                  hint="keep the .onnx.data file beside the model")
         files.append(ModelFile(data, f"{folder}/{location}", sha256_file(data)))
-    mpath = manifest.manifest_path_for(path)
-    if mpath.is_file():
-        files.append(ModelFile(mpath, f"{folder}/{mpath.name}", sha256_file(mpath)))
+    # N.B. the manifest (model.mpack.json) stays out of the image: every build appends to it, so copying it would
+    # change the model layer on each rebuild of the same model. Its provenance reaches the image as the origin.
     return model, tuple(sorted(files, key=lambda f: f.dest))
 
 

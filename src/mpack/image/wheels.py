@@ -40,17 +40,6 @@ class LockedWheel:
         return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
 
 
-@dataclass(frozen=True)
-class WheelSet:
-    """The resolved closure (third-party, sorted by name) and mpack's own wheel, with the folder holding them."""
-
-    wheels: tuple[LockedWheel, ...]
-    mpack: LockedWheel
-    wheel_dir: Path
-    mpack_dir: Path
-    requirements: tuple[str, ...]
-
-
 def canonical_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 

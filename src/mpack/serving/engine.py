@@ -292,6 +292,14 @@ class Engine:
             log.warning("canary rolled back", extra={"fields": {"model": loaded.spec.name, "version": version,
                                                                 "reason": reason}})
 
+    def check_admin(self, token: str | None) -> None:
+        """Raises ForbiddenError when an admin token is configured and ``token`` is not it."""
+        import hmac
+
+        expected = self.config.admin_token
+        if expected is not None and not hmac.compare_digest((token or "").encode(), expected.encode()):
+            raise ForbiddenError("admin endpoints need Authorization: Bearer <admin token>")
+
     def routing(self, name: str) -> dict:
         loaded, _ = self.find(name)
         return loaded.router.describe()
@@ -304,8 +312,7 @@ class Engine:
             ForbiddenError: an admin token is configured and ``token`` differs.
             InvalidInputError: an unknown key or a bad value.
         """
-        if self.config.admin_token is not None and token != self.config.admin_token:
-            raise ForbiddenError("admin endpoints need Authorization: Bearer <admin token>")
+        self.check_admin(token)
         from mpack.serving.config import fraction
 
         loaded, _ = self.find(name)

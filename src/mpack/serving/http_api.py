@@ -126,8 +126,7 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True)
             token = _header(scope, b"authorization")
             token = token[7:] if token and token.lower().startswith("bearer ") else None
             if method == "GET":
-                if engine.config.admin_token is not None and token != engine.config.admin_token:
-                    engine.update_routing(parts[2], {}, token=token)  # raises ForbiddenError
+                engine.check_admin(token)
                 return await _respond(send, 200, json.dumps(engine.routing(parts[2])).encode())
             _method(method, "POST", "PUT")
             body = await _read_body(receive, max_request_bytes, _content_length(scope))

@@ -144,7 +144,8 @@ def _from_json(name: str, data, dtype: np.dtype, shape: tuple[int, ...], count: 
     return array.reshape(shape)
 
 
-def encode_rest(response: InferResponse, request: InferRequest, output_specs: dict[str, str]) -> tuple[bytes, int | None]:
+def encode_rest(response: InferResponse, request: InferRequest,
+                output_specs: dict[str, str]) -> tuple[bytes, int | None]:
     """The REST body of a response, and the JSON header length when any output is binary (else None).
 
     Args:

@@ -43,12 +43,24 @@ def setup_logging(stream=None, level: int = logging.INFO) -> None:
     logger = logging.getLogger("mpack.serving")
     if any(getattr(h, "_mpack_serving", False) for h in logger.handlers):
         return
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonLogFormatter())
     handler._mpack_serving = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (a test runner may swap it and close the old)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -105,8 +117,8 @@ async def run_server(config: ServeConfig, *, runner_factory: RunnerFactory | Non
         make_app(engine, max_request_bytes=config.max_request_bytes, access_log=config.access_log),
         http="httptools" if _has("httptools") else "auto", lifespan="off", access_log=False, log_config=None,
         log_level="warning", timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)) or None,
-        server_header=False)
-    http_server = _Uvicorn(uv_config)
+        server_header=False, proxy_headers=False)  # no X-Forwarded-* rewriting: one middleware less per request
+    http_server = _uvicorn_server(uv_config)
     grpc_server, grpc_port = None, None
     if config.grpc_port is not None:
         from mpack.serving.grpc_api import make_grpc_server
@@ -280,18 +292,17 @@ class ServerThread:
         self._listening.set()
 
 
-class _Uvicorn:
-    """uvicorn.Server without its own signal handling: mpack's handler drains first (not-ready, queues empty)."""
+def _uvicorn_server(config):
+    """A uvicorn.Server without its own signal handling: mpack's handler drains first (not-ready, queues empty),
+    and uvicorn's would re-raise the signal after shutting down, turning a clean drain into a death by SIGTERM."""
+    import uvicorn
 
-    def __new__(cls, config):
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                yield
-
-        return Server(config)
+    return Server(config)
 
 
 def _has(module: str) -> bool:
