@@ -417,8 +417,6 @@ class Worker:
 
     def start(self) -> None:
         """Load the model, connect, create the group (and the stream) if needed, store the queue bound."""
-        import redis
-
         self._load_model()
         self.client = _client(self.client, self.cfg.url)
         self._ensure_group()
