@@ -19,7 +19,9 @@ from mpack.errors import MpackError, ParityError
 app = typer.Typer(
     name="mpack",
     help="From a trained PyTorch or TensorFlow model to a checked ONNX package.\n\n"
-         "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 parity failure, 4 missing extra, 5 export failure.",
+         "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 parity failure, 4 missing extra, 5 export failure, "
+         "6 performance regression, 7 image build failure, 8 image over size budget, 9 queue unavailable, "
+         "130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
