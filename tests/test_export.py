@@ -141,3 +141,52 @@ def test_triton_bad_input(tmp_path):
     assert_clean_error(mpack("export", "triton", model, "-o", tmp_path / "r", "--name", "a b"), 2, "letters")
     assert not (tmp_path / "r").exists()
     assert not [p for p in tmp_path.iterdir() if re.match(r"\..*mpack-", p.name)]
+
+
+def _deployment(tmp_path, canary: str = "10%") -> object:
+    mlp(tmp_path / "v1.onnx")
+    mlp(tmp_path / "v2.onnx", hidden=32)
+    mlp(tmp_path / "other.onnx", hidden=8)
+    path = tmp_path / "mpack.deploy.yaml"
+    path.write_text(yaml.safe_dump({
+        "server": {"http_port": 9000, "grpc_port": 9001},
+        "batching": {"max_batch_size": 16, "max_queue_delay_ms": 2},
+        "models": {"mlp": {"versions": {"1": "v1.onnx", "2": "v2.onnx"},
+                           "canary": {"version": "2", "weight": canary}},
+                   "other": {"versions": {"3": "other.onnx"}, "batching": {"max_batch_size": 4}}}}))
+    return path
+
+
+def test_triton_from_deployment_file(tmp_path):
+    deploy = _deployment(tmp_path)
+    repo = tmp_path / "repo"
+    result = mpack("export", "triton", deploy, "-o", repo, "--json")
+    assert result.exit_code == 0, result
+    data = json.loads(result.stdout)
+    assert sorted(data["files"]) == ["mlp/1/model.onnx", "mlp/2/model.onnx", "mlp/config.pbtxt",
+                                     "other/3/model.onnx", "other/config.pbtxt"]
+    assert any("canary" in n for n in data["notes"])
+    mlp_config = _parse_config(repo / "mlp" / "config.pbtxt")
+    assert list(mlp_config.version_policy.specific.versions) == [1, 2]
+    assert mlp_config.max_batch_size == 16 and mlp_config.dynamic_batching.max_queue_delay_microseconds == 2000
+    other = _parse_config(repo / "other" / "config.pbtxt")
+    assert other.max_batch_size == 4 and list(other.version_policy.specific.versions) == [3]
+
+
+def test_k8s_from_deployment_file(tmp_path):
+    deploy = _deployment(tmp_path, canary="25%")
+    out = tmp_path / "k8s"
+    assert mpack("export", "k8s", deploy, "--image", "local/mlp:2", "--name", "mlp", "-o", out).exit_code == 0
+    isvc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 25
+    deployment = yaml.safe_load((out / "deployment.yaml").read_text())
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports == {"http": 9000, "grpc": 9001}
+
+
+def test_deployment_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": {"m": {"versions": {"v1": "missing.onnx"}}}}))
+    result = mpack("export", "triton", bad, "-o", tmp_path / "repo")
+    assert_clean_error(result, 2, "deployment file")
+    assert not (tmp_path / "repo").exists()

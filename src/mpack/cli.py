@@ -358,7 +358,8 @@ app.add_typer(export_app, name="export")
 @export_app.command("triton")
 @handled()
 def export_triton(
-    model: Annotated[Path, typer.Argument(help="The .onnx model.")],
+    model: Annotated[Path, typer.Argument(help="The .onnx model, or a deployment file (mpack.deploy.yaml): "
+                                               "every model and version in it.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The model repository directory to create.")],
     name: Annotated[Optional[str], typer.Option(help="Model name. Default: the file's stem.")] = None,
     version: Annotated[int, typer.Option(help="Version directory.")] = 1,
@@ -389,6 +390,9 @@ def export_k8s(
     image: Annotated[str, typer.Option(help="The serving image, NAME:TAG or NAME@sha256:... (mpack build-image).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the manifests.")],
     name: Annotated[str, typer.Option(help="Name of the Kubernetes objects.")],
+    deployment: Annotated[Optional[Path], typer.Argument(
+        help="The deployment file the image serves (mpack.deploy.yaml): ports and canary weight come from it.")]
+    = None,
     replicas: Annotated[int, typer.Option(help="Replicas (and the autoscaler's minimum).")] = 1,
     max_replicas: Annotated[int, typer.Option(help="The autoscaler's maximum.")] = 4,
     target_cpu: Annotated[int, typer.Option(help="Autoscaling target CPU utilisation, %.")] = 70,
@@ -409,7 +413,7 @@ def export_k8s(
     cfg = export_mod.K8sExportConfig(
         image=image, output=output, name=name, replicas=replicas, max_replicas=max_replicas, target_cpu=target_cpu,
         cpu=cpu, memory=memory, http_port=http_port, grpc_port=grpc_port, canary_percent=canary_percent,
-        namespace=namespace)
+        namespace=namespace, deployment=deployment)
     _emit_export(export_mod.export_k8s(cfg), json_out)
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mpack import manifest
@@ -36,10 +36,14 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
 
 
+DEPLOY_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 @dataclass(frozen=True)
 class TritonExportConfig:
     """Args:
-        model: The .onnx file (its manifest, if any, names it).
+        model: The .onnx file (its manifest, if any, names it), or a deployment file (``mpack.deploy.yaml``, the
+            format ``mpack serve`` reads): then every model and version in it, with its batching settings.
         output: The repository directory (created; must not exist or be empty).
         name: Model name in the repository. Defaults to the file's stem.
         version: Version directory. Defaults to 1.
@@ -75,6 +79,8 @@ class K8sExportConfig:
         http_port / grpc_port: The server's ports in the container. Default 8000 / 8001.
         canary_percent: KServe canaryTrafficPercent for a new revision; None leaves it out.
         namespace: Namespace of the objects. Defaults to none (kubectl's current one).
+        deployment: An ``mpack serve`` deployment file: its ports, and its canary weight as canaryTrafficPercent
+            (flags given explicitly win). Defaults to none.
     """
 
     image: str
@@ -89,6 +95,7 @@ class K8sExportConfig:
     grpc_port: int = 8001
     canary_percent: int | None = None
     namespace: str | None = None
+    deployment: Path | None = None
 
 
 @dataclass
@@ -118,7 +125,7 @@ def _dims(spec: TensorSpec, batched: bool) -> list[int]:
 
 
 def triton_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], cfg: TritonExportConfig,
-                  notes: list[str]) -> str:
+                  notes: list[str], versions: list[int] | None = None) -> str:
     """config.pbtxt text for one ONNX model (protobuf text format of Triton's ModelConfig)."""
     batched = cfg.max_batch_size > 0 and _batch_axis(inputs + outputs) is not None
     if cfg.max_batch_size > 0 and not batched:
@@ -141,22 +148,21 @@ def triton_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
         lines += [f"  max_queue_delay_microseconds: {cfg.queue_delay_us}", "}"]
     kind = "KIND_GPU" if cfg.kind == "gpu" else "KIND_CPU"
     lines += ["instance_group [", f"  {{\n    count: {cfg.instances}\n    kind: {kind}\n  }}", "]",
-              f"version_policy: {{ specific: {{ versions: [ {cfg.version} ] }} }}"]
+              f"version_policy: {{ specific: {{ versions: [ {', '.join(str(v) for v in versions or [cfg.version])} ] }} }}"]
     return "\n".join(lines) + "\n"
 
 
-def export_triton(cfg: TritonExportConfig) -> ExportResult:
-    """Write a Triton model repository for one model.
+def load_deployment(path: Path):
+    """The ``mpack serve`` deployment file as a ServeConfig, its errors as one-line mpack errors."""
+    from mpack.serving import ServeConfigError, load_config
 
-    Raises:
-        InputFileError: the model is missing or not ONNX.
-        ConfigError: a setting is invalid, or the output exists and is not empty.
-    """
-    if not cfg.model.is_file():
-        raise InputFileError(f"{cfg.model} does not exist", hint="give the .onnx model to export")
-    name = cfg.name or cfg.model.name.removesuffix(".onnx")
-    if not _MODEL_NAME.match(name):
-        raise ConfigError("--name", name, "may hold only letters, digits, '_', '.' and '-'")
+    try:
+        return load_config(config_file=path, env={})
+    except ServeConfigError as exc:
+        raise ConfigError("deployment file", str(path), exc.message, hint=exc.hint) from None
+
+
+def _check_triton(cfg: TritonExportConfig) -> None:
     if cfg.version < 1:
         raise ConfigError("--version", cfg.version, "must be >= 1")
     if cfg.max_batch_size < 0 or cfg.queue_delay_us < 0 or cfg.instances < 1:
@@ -167,31 +173,92 @@ def export_triton(cfg: TritonExportConfig) -> ExportResult:
                           f"must lie between 1 and --max-batch-size {cfg.max_batch_size}")
     if cfg.kind not in ("cpu", "gpu"):
         raise ConfigError("--kind", cfg.kind, "is not one of cpu, gpu")
-    _check_output(cfg.output)
-    facts = read_facts(cfg.model, load_graph(cfg.model))
+
+
+def _triton_plan(cfg: TritonExportConfig,
+                 notes: list[str]) -> list[tuple[str, TritonExportConfig, list[tuple[int, Path]]]]:
+    """(model name, settings, [(version, file)]) for each model to export."""
+    if cfg.model.suffix.lower() not in DEPLOY_SUFFIXES:
+        if not cfg.model.is_file():
+            raise InputFileError(f"{cfg.model} does not exist", hint="give the .onnx model to export")
+        return [(cfg.name or cfg.model.name.removesuffix(".onnx"), cfg, [(cfg.version, cfg.model)])]
+    if not cfg.model.is_file():
+        raise InputFileError(f"{cfg.model} does not exist", hint="give the deployment file mpack serve reads")
+    if cfg.name is not None:
+        raise ConfigError("--name", cfg.name, "applies to a single .onnx model",
+                          hint="a deployment file names its models itself")
+    plan = []
+    for model in load_deployment(cfg.model).models:
+        versions = []
+        for version, path in model.versions:
+            if not version.isdigit() or int(version) < 1:
+                raise ConfigError(f"models.{model.name}.versions", version, "is not a positive integer, which "
+                                  "Triton's version directories must be")
+            versions.append((int(version), Path(path)))
+        b = model.batching
+        plan.append((model.name, TritonExportConfig(
+            model=cfg.model, output=cfg.output, name=model.name, max_batch_size=b.max_batch_size,
+            queue_delay_us=int(b.max_queue_delay_ms * 1000), preferred_batch_sizes=tuple(b.preferred_batch_sizes),
+            instances=b.instances, kind=cfg.kind), versions))
+        if model.canary or model.shadow or model.ab:
+            notes.append(f"{model.name}: Triton serves every listed version but does not route canary / shadow / "
+                         "A-B traffic; route with KServe (mpack export k8s) or your gateway")
+    return plan
+
+
+def export_triton(cfg: TritonExportConfig) -> ExportResult:
+    """Write a Triton model repository for one model, or for every model of a deployment file.
+
+    Raises:
+        InputFileError: a model is missing or not ONNX.
+        ConfigError: a setting is invalid, or the output exists and is not empty.
+    """
+    _check_triton(cfg)
     notes: list[str] = []
-    config = triton_config(name, facts.inputs, facts.outputs, cfg, notes)
-    data = manifest.load(cfg.model)
-    files = [f"{name}/config.pbtxt", f"{name}/{cfg.version}/model.onnx"] + [
-        f"{name}/{cfg.version}/{f}" for f in facts.external_files]
+    plan = _triton_plan(cfg, notes)
+    _check_output(cfg.output)
+    files: list[str] = []
+    jobs = []
+    for name, settings, versions in plan:
+        if not _MODEL_NAME.match(name):
+            raise ConfigError("--name", name, "may hold only letters, digits, '_', '.' and '-'")
+        _check_triton(settings)
+        facts = [read_facts(path, load_graph(path)) for _, path in versions]
+        first = facts[0]
+        for (version, path), f in zip(versions, facts):
+            if [(s.name, s.dtype) for s in f.inputs + f.outputs] != [(s.name, s.dtype) for s in
+                                                                       first.inputs + first.outputs]:
+                raise ConfigError(f"{name} version {version}", str(path), "has other inputs or outputs than "
+                                  f"version {versions[0][0]}", hint="one Triton model's versions share one config")
+        config = triton_config(name, first.inputs, first.outputs, settings, notes, versions=[v for v, _ in versions])
+        files.append(f"{name}/config.pbtxt")
+        for (version, path), f in zip(versions, facts):
+            files += [f"{name}/{version}/model.onnx"] + [f"{name}/{version}/{x}" for x in f.external_files]
+            if manifest.load(path) is not None:
+                files.append(f"{name}/{version}/model.mpack.json")
+        jobs.append((name, config, versions, facts))
 
     def write(root: Path) -> None:
-        version_dir = root / name / str(cfg.version)
-        version_dir.mkdir(parents=True)
-        (root / name / "config.pbtxt").write_text(config)
-        shutil.copyfile(cfg.model, version_dir / "model.onnx")
-        for extra in facts.external_files:
-            shutil.copyfile(cfg.model.parent / extra, version_dir / extra)
-        if data is not None:
-            # Provenance travels with the model; Triton ignores files it does not know.
-            manifest.write_atomic(version_dir / "model.mpack.json", data)
+        for name, config, versions, facts in jobs:
+            (root / name).mkdir()
+            (root / name / "config.pbtxt").write_text(config)
+            for (version, path), f in zip(versions, facts):
+                version_dir = root / name / str(version)
+                version_dir.mkdir()
+                shutil.copyfile(path, version_dir / "model.onnx")
+                for extra in f.external_files:
+                    shutil.copyfile(path.parent / extra, version_dir / extra)
+                data = manifest.load(path)
+                if data is not None:
+                    # Provenance travels with the model; Triton ignores files it does not know.
+                    manifest.write_atomic(version_dir / "model.mpack.json", data)
 
-    if data is not None:
-        files.append(f"{name}/{cfg.version}/model.mpack.json")
     _publish_dir(cfg.output, write)
-    if data is not None:
-        manifest.append_step(cfg.model, "export", {"target": "triton", "output": str(cfg.output), "name": name,
-                                                   "version": cfg.version})
+    for name, _, versions, _ in jobs:
+        for version, path in versions:
+            if manifest.load(path) is not None:
+                manifest.append_step(path, "export", {"target": "triton", "output": str(cfg.output), "name": name,
+                                                      "version": version})
     return ExportResult("triton", cfg.output, files, notes)
 
 
@@ -252,9 +319,32 @@ def k8s_objects(cfg: K8sExportConfig) -> dict[str, dict]:
             "inferenceservice.yaml": inference_service}
 
 
+def from_deployment(cfg: K8sExportConfig, notes: list[str]) -> K8sExportConfig:
+    """Fill ports and canaryTrafficPercent from the deployment file the image serves."""
+    if not cfg.deployment.is_file():
+        raise InputFileError(f"{cfg.deployment} does not exist", hint="give the deployment file mpack serve reads")
+    serve = load_deployment(cfg.deployment)
+    canaries = {m.name: m.canary.weight for m in serve.models if m.canary}
+    if len(canaries) > 1 and cfg.canary_percent is None:
+        raise ConfigError("deployment file", str(cfg.deployment), f"has canaries for {len(canaries)} models "
+                          f"({', '.join(canaries)}) but an InferenceService has one canaryTrafficPercent",
+                          hint="give --canary-percent, or export one deployment file per model")
+    percent = cfg.canary_percent
+    if percent is None and canaries:
+        percent = round(next(iter(canaries.values())) * 100)
+    if any(m.shadow or m.ab for m in serve.models):
+        notes.append("shadow and A/B routing stay inside the mpack server (the image); KServe sees one predictor")
+    return replace(cfg, http_port=serve.http_port, grpc_port=serve.grpc_port or cfg.grpc_port,
+                   canary_percent=percent)
+
+
 def export_k8s(cfg: K8sExportConfig) -> ExportResult:
     """Write Deployment, Service, HPA and KServe InferenceService manifests for a serving image."""
     import yaml
+
+    notes: list[str] = []
+    if cfg.deployment is not None:
+        cfg = from_deployment(cfg, notes)
 
     if not _NAME.match(cfg.name) or len(cfg.name) > 63:
         raise ConfigError("--name", cfg.name, "is not a valid Kubernetes name (lower-case letters, digits and '-', "
@@ -276,7 +366,7 @@ def export_k8s(cfg: K8sExportConfig) -> ExportResult:
             (root / file).write_text(yaml.safe_dump(obj, sort_keys=False))
 
     _publish_dir(cfg.output, write)
-    return ExportResult("k8s", cfg.output, list(objects))
+    return ExportResult("k8s", cfg.output, list(objects), notes)
 
 
 def _check_output(output: Path) -> None:
