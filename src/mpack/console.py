@@ -62,14 +62,20 @@ def render_parity(report) -> None:
         out.print(f"[red]✗ {_escape(message)}[/]")
 
 
+def parity_checklist(report) -> None:
+    """One ✓ line per output (its worst case), or a note that the check was skipped."""
+    if report is None:
+        err.print("[yellow]![/] parity check skipped (--no-verify)")
+        return
+    cases = len(report.summary()["cases"])
+    for name, c in report.worst_per_output().items():
+        err.print(f"[green]✓[/] output {_escape(name)}: max_abs {_fmt(c.max_abs)} ≤ atol {c.atol:g} "
+                  f"(worst of {cases} size cases)")
+
+
 def render_convert(result) -> None:
     facts = result.facts
-    if result.parity is not None:
-        for name, c in result.parity.worst_per_output().items():
-            err.print(f"[green]✓[/] output {name}: max_abs {_fmt(c.max_abs)} ≤ atol {c.atol:g} "
-                      f"(worst of {len(result.parity.summary()['cases'])} size cases)")
-    else:
-        err.print("[yellow]![/] parity check skipped (--no-verify)")
+    parity_checklist(result.parity)
     for text in result.notes:
         note(text)
     table = Table(show_header=False, box=None)
@@ -196,12 +202,7 @@ def render_quantize(result) -> None:
 
 
 def render_optimize(result) -> None:
-    if result.parity is not None:
-        for name, c in result.parity.worst_per_output().items():
-            err.print(f"[green]✓[/] output {_escape(name)}: max_abs {_fmt(c.max_abs)} ≤ atol {c.atol:g} "
-                      f"(worst of {len(result.parity.summary()['cases'])} size cases)")
-    else:
-        err.print("[yellow]![/] parity check skipped (--no-verify)")
+    parity_checklist(result.parity)
     if result.fusion_note:
         mark = "[dim]•[/]" if result.fusion_status == "skipped" else "[yellow]![/]"
         err.print(f"{mark} {_escape(result.fusion_note)}")

@@ -33,7 +33,6 @@ from mpack.parity import OutputComparison, Tolerances, compare_arrays
 DEFAULT_CHUNK_SIZE = 64
 # Op types whose outputs are weights rather than computations; a change there shows in the consuming node.
 _SKIPPED_OPS = frozenset({"Constant"})
-_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 @dataclass(frozen=True)
@@ -230,35 +229,11 @@ def _with_outputs(model, names: list[str], types: dict[str, int]) -> bytes:
 
 
 def session_from_bytes(model_bytes: bytes, folder: Path, providers: tuple[str, ...], where: str):
-    """An ORT session on a serialised model whose external data lies in ``folder``.
+    """An ORT session on a serialised model whose external data lies in ``folder``."""
+    from mpack.backends.onnxruntime import session_from_onnx
 
-    Provider names and the fallback check follow ``backends.onnxruntime.session_from_onnx``.
-    """
-    import onnxruntime as ort
-
-    from mpack.backends.onnxruntime import PROVIDERS
-
-    available = ort.get_available_providers()
-    wanted = []
-    for short in providers:
-        full = PROVIDERS.get(short.lower())
-        if full is None or full not in available:
-            names = ", ".join(k for k, v in PROVIDERS.items() if v in available)
-            raise ConfigError("provider", short, "is not available in this ONNX Runtime",
-                              hint=f"available here: {names}")
-        wanted.append(full)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(Path(folder).resolve()))
-    try:
-        session = ort.InferenceSession(model_bytes, sess_options=options, providers=wanted)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the model cannot be run
-        raise InputFileError(f"ONNX Runtime cannot load {where} with exposed intermediate tensors: "
-                             f"{first_line(exc)}", hint="check the file with `mpack inspect`") from None
-    if session.get_providers()[0] != wanted[0]:
-        raise ConfigError("provider", providers[0], "could not be started here (ONNX Runtime fell back to "
-                          f"{session.get_providers()[0]})", hint="check the GPU driver and CUDA libraries")
-    return session
+    return session_from_onnx(model_bytes, providers, external_folder=folder,
+                             where=f"{where} with exposed intermediate tensors")
 
 
 def _run(model, path: Path, names: list[str], types: dict[str, int], providers: tuple[str, ...],

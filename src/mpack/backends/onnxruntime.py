@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mpack.backends.base import BaseRunner
-from mpack.errors import ConfigError, InputFileError
+from mpack.errors import ConfigError, InputFileError, first_line
 from mpack.specs import ORT_TYPE_TO_DTYPE, TensorSpec
 
 PROVIDERS = {
@@ -17,11 +17,23 @@ PROVIDERS = {
 }
 
 
-def session_from_onnx(path: str | Path, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+# ONNX Runtime's session option naming the folder that a model given as bytes keeps its external data in.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def session_from_onnx(path: str | Path | bytes, providers: tuple[str, ...] = ("cpu",), threads: int | None = None,
+                      external_folder: Path | None = None, where: str | None = None):
     """Create an ``onnxruntime.InferenceSession``, checking that the asked providers really run.
 
     ONNX Runtime silently falls back to CPU when a provider cannot load (e.g. CUDA without a GPU), so the session's
     own provider list is checked after creation.
+
+    Args:
+        path: The .onnx file, or a serialised model.
+        providers: Short provider names in priority order. Defaults to ("cpu",).
+        threads: intra-op threads. Defaults to ONNX Runtime's choice.
+        external_folder: Where a serialised model's external data lies. Defaults to none.
+        where: How errors name the model. Defaults to the path.
     """
     import onnxruntime as ort
 
@@ -38,10 +50,13 @@ def session_from_onnx(path: str | Path, providers: tuple[str, ...] = ("cpu",), t
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if external_folder is not None:
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(external_folder).resolve()))
+    model = path if isinstance(path, bytes) else str(path)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        session = ort.InferenceSession(model, sess_options=options, providers=wanted)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; all mean the file cannot be run
-        raise InputFileError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}",
+        raise InputFileError(f"ONNX Runtime cannot load {where or path}: {first_line(exc)}",
                              hint="check the file with `mpack inspect`") from None
     if session.get_providers()[0] != wanted[0]:
         raise ConfigError("provider", providers[0], "could not be started here (ONNX Runtime fell back to "
