@@ -685,6 +685,14 @@ def serve(
     drain_delay: Annotated[Optional[float], typer.Option(help="Seconds to keep serving while not-ready after "
                                                               "SIGTERM. Default 0.")] = None,
     admin_token: Annotated[Optional[str], typer.Option(help="Bearer token the admin endpoints require.")] = None,
+    queue: Annotated[Optional[str], typer.Option(
+        help="Redis URL of the job queue behind POST /v2/models/{m}/jobs, e.g. redis://127.0.0.1:6379/0. "
+             "Default: none (job endpoints off).")] = None,
+    queue_stream: Annotated[Optional[str], typer.Option(
+        help="Stream of a model's jobs, {model} standing for its name. Default mpack:jobs:{model}.")] = None,
+    queue_max_jobs: Annotated[Optional[int], typer.Option(
+        help="Waiting jobs at which more are refused (503). Default: the stream's bound (mpack worker "
+             "--max-queue), else 1000.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as "
                                                                       "JSON and exit.")] = False,
 ) -> None:
@@ -701,14 +709,16 @@ def serve(
         "max_queue_delay_ms": max_queue_delay_ms, "max_queue_size": max_queue_size,
         "preferred_batch_sizes": preferred_batch_sizes, "instances": instances, "providers": providers,
         "threads": threads, "max_request_bytes": max_request_bytes, "access_log": access_log,
-        "drain_timeout_s": drain_timeout, "drain_delay_s": drain_delay, "admin_token": admin_token}
+        "drain_timeout_s": drain_timeout, "drain_delay_s": drain_delay, "admin_token": admin_token, "queue": queue,
+        "queue_stream": queue_stream, "queue_max_jobs": queue_max_jobs}
     try:
         cfg = load_config(tuple(models or ()), config_file=config, overrides=overrides, canary=tuple(canary or ()),
                           shadow=tuple(shadow or ()), ab=tuple(ab or ()))
         if print_config:
             console.print_json(cfg.to_dict())
             return
-        for module, extra in (("onnxruntime", "cpu"), ("uvicorn", "serve"), ("grpc", "serve")):
+        needed = (("onnxruntime", "cpu"), ("uvicorn", "serve"), ("grpc", "serve"))
+        for module, extra in needed + ((("redis", "serve"),) if cfg.queue else ()):
             if not is_available(module):
                 raise MissingDependencyError(f"mpack serve needs the Python package '{module}', which is not "
                                              "installed", hint=f"install it with: pip install 'mpack[{extra}]'")

@@ -2,8 +2,9 @@
 canary / shadow / A-B routing.
 
 This package is the runtime of the serving image: it imports only numpy, onnxruntime and the server stack
-(uvicorn, httptools, grpcio, protobuf; PyYAML for YAML deployment files), never the rest of mpack. Heavy modules load
-on first use, so importing it is cheap.
+(uvicorn, httptools, grpcio, protobuf; PyYAML for YAML deployment files; redis for the job endpoints of ``--queue``),
+never the rest of mpack. Heavy modules load on first use, so importing it is cheap. ``jobs.py`` is the Redis Streams
+queue and worker that ``mpack.queue`` re-exports.
 
 Public API::
 

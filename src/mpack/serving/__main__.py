@@ -19,12 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host")
     parser.add_argument("--http-port", type=int)
     parser.add_argument("--grpc-port")
+    parser.add_argument("--queue", help="Redis URL for the job endpoints (POST /v2/models/{m}/jobs)")
     args = parser.parse_args(argv)
     from pathlib import Path
 
     try:
         config = load_config(tuple(args.models), config_file=Path(args.config) if args.config else None,
-                             overrides={"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port})
+                             overrides={"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
+                                        "queue": args.queue})
         from mpack.serving.server import serve
 
         return serve(config)

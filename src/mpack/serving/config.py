@@ -5,7 +5,7 @@ Everything here is pure (no sockets, no ONNX Runtime), so ``mpack serve --help``
 
 Deployment file (YAML or JSON; paths are relative to the file)::
 
-    server:   {host: 127.0.0.1, http_port: 8000, grpc_port: 8001, threads: 1}
+    server:   {host: 127.0.0.1, http_port: 8000, grpc_port: 8001, threads: 1, queue: "redis://127.0.0.1:6379/0"}
     batching: {max_batch_size: 32, max_queue_delay_ms: 5, max_queue_size: 256}
     models:
       cnn:
@@ -115,6 +115,12 @@ class ServeConfig:
             notice) before the listeners close. Defaults to 0.
         admin_token: When set, the admin endpoints need ``Authorization: Bearer <token>``. Defaults to None.
         warmup: Run every version once per warm-up batch size before reporting ready. Defaults to True.
+        queue: Redis URL of the job queue behind ``POST /v2/models/{m}/jobs``; None turns the job endpoints off.
+            Defaults to None.
+        queue_stream: The stream a model's jobs go to, ``{model}`` standing for its name; versioned jobs
+            (``/versions/{v}/jobs``) go to ``<stream>:<v>``. Defaults to "mpack:jobs:{model}".
+        queue_max_jobs: Jobs waiting in a stream at which more are refused (503). Defaults to the bound
+            ``mpack worker --max-queue`` stored for the stream, else 1000.
     """
 
     models: tuple[ModelSpec, ...]
@@ -129,6 +135,9 @@ class ServeConfig:
     drain_delay_s: float = 0.0
     admin_token: str | None = None
     warmup: bool = True
+    queue: str | None = None
+    queue_stream: str = "mpack:jobs:{model}"
+    queue_max_jobs: int | None = None
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
@@ -241,6 +250,20 @@ def _providers(name: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def _optional_int(minimum: int) -> Callable[[str, Any], int | None]:
+    def parse(name: str, value: Any) -> int | None:
+        return None if value in (None, "") else _int(minimum)(name, value)
+
+    return parse
+
+
+def _redis_url(name: str, value: Any) -> str | None:
+    url = _optional_str(name, value)
+    if url is not None and url.split("://", 1)[0].lower() not in ("redis", "rediss", "unix"):
+        raise ServeConfigError(name, value, "is not a Redis URL", hint="e.g. redis://127.0.0.1:6379/0")
+    return url
+
+
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
     return tuple(sorted({_int(1)(name, v) for v in items}))
@@ -260,6 +283,9 @@ SERVER_SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "drain_delay_s": _float(0),
     "admin_token": _optional_str,
     "warmup": _bool,
+    "queue": _redis_url,
+    "queue_stream": _str,
+    "queue_max_jobs": _optional_int(1),
 }
 BATCHING_SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_size": _int(1),
@@ -372,6 +398,10 @@ def load_config(
                                hint="give NAME=PATH.onnx or a deployment file with --config")
 
     built = tuple(_build_model(name, entry, defaults) for name, entry in specs.items())
+    stream = server.get("queue_stream", ServeConfig.queue_stream)
+    if server.get("queue") and "{model}" not in stream and len(built) > 1:
+        raise ServeConfigError("queue_stream", stream, f"would carry the jobs of {len(built)} models in one stream",
+                               hint="put {model} in it, e.g. mpack:jobs:{model}")
     return ServeConfig(models=built, **server)
 
 

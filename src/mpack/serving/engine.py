@@ -233,11 +233,7 @@ class Engine:
         labels = (request.model, version, route)
         started = time.perf_counter()
         try:
-            if request.outputs is not None:
-                unknown = [n for n in request.outputs if n not in target.model.output_names]
-                if unknown:
-                    raise InvalidInputError(f"unknown output(s) {', '.join(unknown)}; model {request.model} "
-                                            f"has {', '.join(target.model.output_names)}")
+            _check_outputs(request, target)
             size, key = target.model.check(request.inputs)
             outputs = await target.batcher.submit(request.inputs, size, key)
         except ServingError as exc:
@@ -257,6 +253,25 @@ class Engine:
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
         return InferResponse(request.model, version, outputs, request.id, route)
+
+    def check(self, request: InferRequest) -> str:
+        """What :meth:`infer` checks before queueing (state, model, version, outputs, input names, dtypes, shapes,
+        batch size), without running: for requests answered later (the job endpoints). Not counted as inference.
+
+        Returns:
+            The version checked against: the request's, else the primary's (routing is not applied).
+
+        Raises:
+            ServingError: the error infer would answer.
+        """
+        if self.state is Health.STARTING:
+            raise UnavailableError("the server is starting: models are loading")
+        if self.state is Health.FAILED:
+            raise UnavailableError(f"the server failed: {self.failure}")
+        _, target = self.find(request.model, request.version)
+        _check_outputs(request, target)
+        target.model.check(request.inputs)
+        return target.model.version
 
     def _count(self, labels: tuple, started: float, error: ServingError | None) -> None:
         m = self.metrics
@@ -414,3 +429,10 @@ class Engine:
         if loaded.shadow_log is not None:
             loaded.shadow_log.append(record)
 
+
+def _check_outputs(request: InferRequest, target: LoadedVersion) -> None:
+    if request.outputs is not None:
+        unknown = [n for n in request.outputs if n not in target.model.output_names]
+        if unknown:
+            raise InvalidInputError(f"unknown output(s) {', '.join(unknown)}; model {request.model} "
+                                    f"has {', '.join(target.model.output_names)}")

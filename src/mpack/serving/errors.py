@@ -55,6 +55,13 @@ class ModelRunError(ServingError):
     is what made this model fail, and the server stays up."""
 
 
+class NotConfiguredError(ServingError):
+    """An endpoint whose feature is off in this server's configuration (the job endpoints without ``--queue``)."""
+
+    http_status = 501
+    grpc_code = "UNIMPLEMENTED"
+
+
 class ForbiddenError(ServingError):
     http_status = 403
     grpc_code = "PERMISSION_DENIED"

@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 from mpack.serving.engine import Engine
 from mpack.serving.errors import (
     InvalidInputError, MethodNotAllowedError, ModelNotFoundError, PayloadTooLargeError, ServingError)
+from mpack.serving.job_api import disabled
 from mpack.serving.protocol import decode_rest, encode_rest, error_body
 
 log = logging.getLogger("mpack.serving")
@@ -38,13 +39,14 @@ def server_version() -> str:
         return "unknown"
 
 
-def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True):
+def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True, jobs=None):
     """The ASGI app serving ``engine``.
 
     Args:
         engine: The loaded (or loading) engine.
         max_request_bytes: Larger bodies get 413 before they are read.
         access_log: One JSON line per request on the ``mpack.serving.access`` logger.
+        jobs: The job endpoints' ``job_api.JobService``; None answers them 501 (no ``--queue``). Defaults to None.
     """
     server_metadata = json.dumps({"name": "mpack", "version": server_version(), "extensions": EXTENSIONS}).encode()
     http_counter = engine.metrics.http
@@ -106,6 +108,9 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True)
                 if action == "infer":
                     _method(method, "POST")
                     return await _infer(scope, receive, send, name, version, info)
+                if action == "jobs":
+                    _method(method, "POST")
+                    return await _submit_job(scope, receive, send, name, version, info)
                 if action == "":
                     _method(method, "GET")
                     return await _respond(send, 200, json.dumps(engine.metadata(name, version)).encode())
@@ -118,6 +123,12 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True)
                 if action == "config":
                     _method(method, "GET")
                     return await _respond(send, 200, json.dumps(engine.model_config(name, version)).encode())
+            if parts[0] == "jobs" and len(parts) == 2:
+                _method(method, "GET")
+                if jobs is None:
+                    raise disabled()
+                info["job"] = parts[1]
+                return await _respond(send, 200, json.dumps(await jobs.get(parts[1])).encode())
         elif path == "/metrics":
             _method(method, "GET")
             return await _respond(send, 200, engine.metrics.render().encode(),
@@ -139,14 +150,7 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True)
 
     async def _infer(scope: dict, receive, send: Send, name: str, version: str | None, info: dict) -> int:
         body = await _read_body(receive, max_request_bytes, _content_length(scope))
-        header_length = _header(scope, b"inference-header-content-length")
-        if header_length is not None:
-            try:
-                header_length = int(header_length)
-            except ValueError:
-                raise InvalidInputError(f"Inference-Header-Content-Length {header_length!r} is not a number") \
-                    from None
-        request = decode_rest(body, header_length, name, version)
+        request = decode_rest(body, _header_length(scope), name, version)
         key_header = engine.key_header(name)
         if key_header is not None:
             request.routing_key = _header(scope, key_header.encode())
@@ -159,7 +163,26 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True)
             return await _respond(send, 200, payload, b"application/octet-stream", headers)
         return await _respond(send, 200, payload, JSON, headers)
 
+    async def _submit_job(scope: dict, receive, send: Send, name: str, version: str | None, info: dict) -> int:
+        if jobs is None:
+            raise disabled()
+        body = await _read_body(receive, max_request_bytes, _content_length(scope))
+        accepted = await jobs.submit(body, _header_length(scope), name, version)
+        info.update(job=accepted["id"], bytes_in=len(body))
+        return await _respond(send, 202, json.dumps(accepted).encode(), JSON,
+                              [(b"location", accepted["location"].encode())])
+
     return app
+
+
+def _header_length(scope: dict) -> int | None:
+    value = _header(scope, b"inference-header-content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInputError(f"Inference-Header-Content-Length {value!r} is not a number") from None
 
 
 def _method(method: str, *allowed: str) -> None:

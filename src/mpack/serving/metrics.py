@@ -178,6 +178,18 @@ class ServingMetrics:
                                                "Samples whose top-1 class equals the primary's.", ("model", "version")))
         self.shadow_top1_samples = r.add(Counter("mpack_shadow_top1_samples_total",
                                                  "Samples compared for top-1 agreement.", ("model", "version")))
+        self.jobs_submitted = r.add(Counter("mpack_jobs_submitted_total", "Jobs accepted onto the queue (202).",
+                                            ("model", "version")))
+        self.jobs_rejected = r.add(Counter("mpack_jobs_rejected_total",
+                                           "Jobs refused: reason invalid (400), full (503) or unavailable (Redis).",
+                                           ("model", "reason")))
+        self.jobs_completed = r.add(Counter("mpack_jobs_completed_total",
+                                            "Jobs this server accepted and then saw finish: status done or failed.",
+                                            ("model", "version", "status")))
+        self.jobs_pending = r.add(Gauge("mpack_jobs_pending", "Jobs this server accepted that have not finished."))
+        self.job_callbacks = r.add(Counter("mpack_job_callbacks_total",
+                                           "Callback POSTs: outcome delivered or failed (after the retries).",
+                                           ("outcome",)))
         self.health = r.add(Gauge("mpack_health", "1 for the server's current health state.", ("state",)))
         self.http = r.add(Counter("mpack_http_responses_total", "HTTP responses by status code (all endpoints).",
                                   ("code",)))

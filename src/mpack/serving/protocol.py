@@ -29,6 +29,7 @@ class InferRequest:
     outputs: dict[str, bool] | None = None
     binary_default: bool = False
     routing_key: str | None = None
+    parameters: dict = field(default_factory=dict)  # the request's own, e.g. callback_url for a job
 
 
 @dataclass
@@ -115,7 +116,8 @@ def decode_rest(body: bytes, header_length: int | None, model: str, version: str
                 if isinstance(out_params, dict) else binary_default
     request_id = header.get("id", "")
     return InferRequest(model=model, version=version, inputs=inputs, id=str(request_id) if request_id else "",
-                        outputs=outputs, binary_default=binary_default)
+                        outputs=outputs, binary_default=binary_default,
+                        parameters=params if isinstance(params, dict) else {})
 
 
 def _dtype(name: str, datatype) -> np.dtype:

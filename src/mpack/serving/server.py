@@ -111,10 +111,15 @@ async def run_server(config: ServeConfig, *, runner_factory: RunnerFactory | Non
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     engine = Engine(config, runner_factory)
+    jobs = None
+    if config.queue is not None:
+        from mpack.serving.job_api import JobService
+
+        jobs = JobService(config, engine)
     sock = _bind(config.host, config.http_port)
     http_port = sock.getsockname()[1]
     uv_config = uvicorn.Config(
-        make_app(engine, max_request_bytes=config.max_request_bytes, access_log=config.access_log),
+        make_app(engine, max_request_bytes=config.max_request_bytes, access_log=config.access_log, jobs=jobs),
         http="httptools" if _has("httptools") else "auto", lifespan="off", access_log=False, log_config=None,
         log_level="warning", timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)) or None,
         server_header=False, proxy_headers=False)  # no X-Forwarded-* rewriting: one middleware less per request
@@ -153,6 +158,8 @@ async def run_server(config: ServeConfig, *, runner_factory: RunnerFactory | Non
                                             "pid": _pid()}})
     if on_listening is not None:
         on_listening(info)
+    if jobs is not None:
+        jobs.start()
 
     failure: ServeConfigError | None = None
     load = loop.create_task(engine.load())
@@ -187,6 +194,8 @@ async def run_server(config: ServeConfig, *, runner_factory: RunnerFactory | Non
         stops.append(loop.create_task(grpc_server.stop(grace=config.drain_timeout_s)))
     await asyncio.gather(*stops, return_exceptions=True)
     await engine.drain(config.drain_timeout_s)
+    if jobs is not None:  # queued jobs stay in Redis for the workers; only callbacks in flight are waited for
+        await jobs.close(config.drain_timeout_s)
     if handle_signals and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
