@@ -107,12 +107,17 @@ cmd_stop() {
 apt_mirror() {
     # The Debian mirror apt itself uses here (deb822 .sources or one-line .list), so debootstrap reaches what apt
     # reaches; security and -updates suites are skipped.
-    local uri
+    local uri f files=()
+    # Only files that exist: Debian's awk (mawk) stops at the first file it cannot open.
+    for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] && files+=("$f")
+    done
+    [ "${#files[@]}" -gt 0 ] || { echo "http://deb.debian.org/debian"; return; }
     uri="$(awk -v suite="$SUITE" '
         /^URIs:/ { u = $2 }
         /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == suite && u != "") { print u; exit } }
         /^deb / { for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/ && $(i+1) == suite) { print $i; exit } }
-    ' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1)"
+    ' "${files[@]}" 2>/dev/null | head -n1)"
     echo "${uri:-http://deb.debian.org/debian}"
 }
 

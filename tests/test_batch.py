@@ -466,3 +466,14 @@ def test_a_second_run_on_the_same_output_is_refused_while_one_runs(tmp_path, mod
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_corrupt_job_record_is_cleared_by_restart(tmp_path, model):
+    x = features(40)
+    data = write_input(tmp_path / "in.npz", x, ids=np.arange(40))
+    output = tmp_path / "out.npz"
+    (tmp_path / "out.npz.mpack-batch.json").write_text("{ truncated")
+    assert_clean_error(mpack("batch", model, data, "-o", output, "--id", "id"), 2, "unreadable", "--restart")
+    again = run_json(model, data, "-o", output, "--id", "id", "--restart")
+    assert again["rows"] == 40
+    np.testing.assert_allclose(read_output(output)["y"], reference(model, x), rtol=1e-6, atol=1e-6)

@@ -165,3 +165,23 @@ def test_bad_baseline(models, tmp_path):
 def test_cuda_rows_beside_cpu(models):
     data = _bench(models[0], "--providers", "cpu,cuda", "--batch-sizes", "1,8", "--iterations", "20")
     assert {r["provider"] for r in data["rows"]} == {"cpu", "cuda"} and not data["skipped"]
+
+
+def test_json_in_a_missing_directory_fails_before_measuring(models, tmp_path):
+    assert_clean_error(mpack("bench", models[0], "--json", tmp_path / "no" / "b.json"), 2, "does not exist")
+
+
+def test_model_failing_at_a_batch_size(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # Reshape to a fixed batch of 2 while the input's batch axis is symbolic: runs at 2, fails at 8.
+    shape = onnx.numpy_helper.from_array(np.array([2, 32], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "r.onnx"))
+    assert_clean_error(mpack("bench", tmp_path / "r.onnx", "--batch-sizes", "8", "--iterations", "2"), 2,
+                       "fails to run at batch 8")

@@ -223,3 +223,40 @@ def test_output_in_missing_directory(tmp_path):
     result = mpack("convert", "examples.tiny_cnn:make_model", *_inputs("cnn"), "-o", tmp_path / "no" / "m.onnx")
     assert_clean_error(result, 2, "does not exist", "mkdir")
     assert_nothing_written(tmp_path)
+
+
+def test_reconvert_without_external_data_removes_the_old_weights(tmp_path):
+    out = tmp_path / "m.onnx"
+    args = ("examples.tiny_cnn:make_model", *_inputs("cnn"), "-o", out)
+    assert mpack("convert", *args, "--external-data", "always").exit_code == 0
+    assert (tmp_path / "m.onnx.data").exists()
+    assert mpack("convert", *args).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mpack.json", "m.onnx"]
+    assert oct((tmp_path / "m.mpack.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_source_model_failing_at_a_parity_size_is_a_clean_parity_failure(tmp_path):
+    result = mpack("convert", "fixtures.torch_models:make_fixed_reshape", "--input", "x:batch,3",
+                   "--exporter", "torchscript", "-o", tmp_path / "m.onnx")
+    assert_clean_error(result, 3, "parity check failed")
+    assert "model itself failed" in result.stdout
+    assert_nothing_written(tmp_path)
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path):
+    junk = tmp_path / "w.pt"
+    junk.write_bytes(b"\x80\x04garbage that is no pickle")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = mpack("convert", "examples.tiny_cnn:make_model", "--weights", junk, *_inputs("cnn"), "-o",
+                   out_dir / "m.onnx")
+    assert_clean_error(result, 2, "--weights")
+    assert_nothing_written(out_dir)

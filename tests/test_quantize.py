@@ -57,7 +57,7 @@ def test_cnn_static_qdq_per_channel(cnn, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     manifest = json.loads((tmp_path / "cnn.int8.mpack.json").read_text())
     q = manifest["quantization"]
-    assert q["calibration"]["count"] == 1 and len(q["calibration"]["sha256"]) == 64
+    assert q["calibration"]["count"] == 16 and q["calibration"]["feeds"] == 1 and len(q["calibration"]["sha256"]) == 64
     assert q["method"] == "minmax" and q["excluded_nodes"] == [] and set(q["cpu_flags"]) >= {"avx2", "avx512_vnni"}
     assert [h["step"] for h in manifest["history"]] == ["convert", "quantize"]
     assert manifest["model"]["sha256"] != json.loads((model.parent / "cnn.mpack.json").read_text())["model"]["sha256"]
@@ -214,3 +214,24 @@ def test_nothing_to_quantize(tmp_path):
 def test_bad_options(cnn, tmp_path, args, needle):
     model, _ = cnn
     assert_clean_error(mpack("quantize", model, "-o", tmp_path / "q.onnx", *args), 2, needle)
+
+
+def test_budget_failure_prints_the_attempts_as_json(tmp_path):
+    model = sensitive_mlp(tmp_path / "mlp.onnx")
+    result = mpack("quantize", model, "-o", tmp_path / "q.onnx", "--per-tensor", "--no-fallback", "--json")
+    assert result.exit_code == 3
+    data = json.loads(result.stdout)
+    assert data["passed"] is False and data["report"]["attempts"][0]["accuracy"][0]["cosine"] < 0.99
+
+
+def test_unreadable_samples_and_malformed_manifest(cnn, tmp_path):
+    model, _ = cnn
+    truncated = tmp_path / "t.npz"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
+    assert_clean_error(mpack("quantize", model, "-o", tmp_path / "q.onnx", "--calibration", truncated), 2,
+                       "not an .npz")
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(model.read_bytes())
+    (tmp_path / "m.mpack.json").write_text('{"inputs": [{"name": "x"}]}')
+    assert_clean_error(mpack("quantize", copy, "-o", tmp_path / "q.onnx", "--calibration", "random"), 2,
+                       "not an mpack manifest")

@@ -293,3 +293,14 @@ def test_the_queue_module_stands_alone():
     assert proc.stdout.splitlines() == [
         "['mpack', 'mpack.queue', 'mpack.serving', 'mpack.serving.config', 'mpack.serving.errors', "
         "'mpack.serving.jobs']", "[]"]
+
+
+def test_worker_refuses_max_queue_zero(tmp_path):
+    from tests.conftest import assert_clean_error, mpack
+
+    model = tmp_path / "m.onnx"
+    from fixtures.onnx_models import mlp
+
+    mlp(model)
+    assert_clean_error(mpack("worker", model, "--redis", "redis://127.0.0.1:1/0", "--max-queue", "0"), 2,
+                       "--max-queue")

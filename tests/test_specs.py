@@ -48,3 +48,9 @@ def test_mask_inputs_are_zero_or_one():
     feeds = random_feeds([parse_input_spec("attention_mask:batch,seq:int64")], {"batch": 3, "seq": 9}, seed=1)
     mask = feeds["attention_mask"]
     assert set(np.unique(mask)) <= {0, 1} and (mask[:, 0] == 1).all()
+
+
+def test_fixed_batch_still_varies_other_symbolic_dims():
+    cases = parity_cases([parse_input_spec("tokens:1,seq=16:int64")], (1, 4))
+    assert [c.sizes for c in cases] == [{"seq": 16}, {"seq": 24}]
+    assert [c.label for c in parity_cases([parse_input_spec("x:1,3")])] == ["static"]

@@ -14,6 +14,7 @@ from mpack.errors import MissingDependencyError
 
 # module name -> (what it is for, the extra that installs it)
 EXTRAS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("Running ONNX models", "cpu"),  # or mpack[gpu]: onnxruntime-gpu provides the same module
     "torch": ("PyTorch models", "torch"),
     "onnxscript": ("the dynamo ONNX exporter", "torch"),
     "tensorflow": ("TensorFlow models", "tf"),
@@ -25,6 +26,9 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "jinja2": ("Rendering the image templates", "image"),
     "pyarrow": ("Parquet files", "batch"),
     "redis": ("Queue workers (Redis Streams)", "queue"),
+    "ray": ("Batch jobs on Ray", "batch"),
+    "uvicorn": ("mpack serve", "serve"),
+    "grpc": ("mpack serve", "serve"),
 }
 
 # The `onnxruntime` module ships in two distributions that overwrite each other; either one satisfies us.
@@ -36,16 +40,21 @@ def is_available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def missing(module: str, exc: BaseException | None = None) -> MissingDependencyError:
+    """The error for an optional ``module`` that is not installed, naming the extra that installs it."""
+    purpose, extra = EXTRAS.get(module, (module, module))
+    return MissingDependencyError(
+        f"{purpose} need the Python package '{module}', which is not installed" + (f" ({exc})" if exc else ""),
+        hint=f"install it with: pip install 'mpack[{extra}]'",
+    )
+
+
 def require(module: str) -> ModuleType:
     """Import ``module`` or raise a :class:`MissingDependencyError` naming the extra to install."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        purpose, extra = EXTRAS.get(module, (module, module))
-        raise MissingDependencyError(
-            f"{purpose} need the Python package '{module}', which is not installed ({exc})",
-            hint=f"install it with: pip install 'mpack[{extra}]'",
-        ) from None
+        raise missing(module, exc) from None
 
 
 def distribution_version(name: str) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from mpack import __version__, manifest
 from mpack._optional import distribution_version, onnxruntime_distribution
-from mpack.errors import ConfigError, InputFileError, RegressionError
+from mpack.errors import ConfigError, InputFileError, MpackError, RegressionError, first_line
 from mpack.inputs import random_feeds
 from mpack.specs import TensorSpec, batch_dim_name, example_size, symbolic_dim_names
 
@@ -241,10 +241,10 @@ def _source_subject(model: Path, notes: list[str]) -> _Subject:
                                       notes)
 
     def make(threads: int):
-        if label.startswith("pytorch") and threads:
+        if label.startswith("pytorch"):
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         runner.activate()
         return runner.infer
 
@@ -400,6 +400,14 @@ def measure(cfg: BenchConfig, progress: Callable[[int], Callable[[], None]] | No
         for s, feed in zip(subjects, feeds):
             run = s.make(threads)
             calls.append(lambda run=run, feed=feed: run(feed))
+        for s, call in zip(subjects, calls):  # one untimed call each: a model that cannot run here says so
+            try:
+                call()
+            except MpackError:
+                raise
+            except Exception as exc:  # ORT's own error types: the model fails on these inputs
+                raise ConfigError("--batch-sizes", batch, f"{s.label} fails to run at batch {batch} on {provider}: "
+                                  f"{first_line(exc, 200)}") from None
         if cfg.concurrency == 1:
             results = [(lat, None) for lat in _time_interleaved(calls, cfg.iterations, cfg.duration, cfg.warmup,
                                                                  tick)]
@@ -471,6 +479,9 @@ def run(cfg: BenchConfig, progress: Callable[[int], Callable[[], None]] | None =
                     [fresh] = gate([r], baseline.rows, cfg.max_regression)
                     fresh.note = f"re-measured {attempt + 1}x"
                     result.gate[result.gate.index(g)] = fresh
+                    # The rows report what the gate judged, so a saved --json makes a fair next baseline.
+                    result.rows = [r if row.key == r.key else row for row in result.rows]
+        _ratios(result.rows)
     _record(cfg, result)
     if not result.passed:
         slow = [g for g in result.gate if g.regressed]

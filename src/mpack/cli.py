@@ -53,14 +53,25 @@ def handled(json_flag: str | None = "json_out"):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             try:
-                return fn(*args, **kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except ModuleNotFoundError as exc:
+                    # An optional framework imported at call time: name the extra, as require() does.
+                    from mpack._optional import EXTRAS, missing
+
+                    top = (exc.name or "").split(".")[0]
+                    if top not in EXTRAS:
+                        raise
+                    raise missing(top) from exc
             except MpackError as exc:
                 if _state["debug"]:
                     raise
                 if isinstance(exc, ParityError) and exc.report is not None:
+                    is_parity = hasattr(exc.report, "comparisons")
                     if json_flag and kwargs.get(json_flag):
-                        console.print_json({"passed": False, "error": exc.message, "parity": exc.report.to_dict()})
-                    else:
+                        console.print_json({"passed": False, "error": exc.message,
+                                            "parity" if is_parity else "report": exc.report.to_dict()})
+                    elif is_parity:
                         console.render_parity(exc.report)
                 console.error(exc.message, exc.hint)
                 raise typer.Exit(exc.exit_code) from None
@@ -329,6 +340,11 @@ def bench(
         batch_sizes=_int_list("--batch-sizes", batch_sizes), threads=_int_list("--threads", threads, minimum=0),
         iterations=iterations, duration=duration, warmup=warmup, concurrency=concurrency, seed=seed,
         baseline=baseline, max_regression=_fraction("--max-regression", max_regression), retries=retries)
+    if json_path not in (None, "-") and not Path(json_path).parent.is_dir():
+        from mpack.errors import ConfigError
+
+        raise ConfigError("--json", json_path, f"directory {Path(json_path).parent} does not exist",
+                          hint="create it first, or write the JSON elsewhere")
     try:
         with console.progress() as bar:
             result = bench_mod.run(cfg, progress=lambda total: bar.task("measuring", total))
@@ -605,7 +621,7 @@ def worker(
     require("redis")
 
     for field, value, low in (("--max-batch", max_batch, 1), ("--result-ttl", result_ttl, 1),
-                              ("--max-deliveries", max_deliveries, 1), ("--max-queue", max_queue or 1, 1)):
+                              ("--max-deliveries", max_deliveries, 1), ("--max-queue", 1 if max_queue is None else max_queue, 1)):
         if value < low:
             raise ConfigError(field, value, f"must be >= {low}")
     if claim_idle <= 0 or max_wait_ms < 0:

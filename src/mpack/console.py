@@ -9,6 +9,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from mpack import manifest
+
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default; a terminal keeps its width.
 _PIPE_WIDTH = 160
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
@@ -17,7 +19,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.st
 
 def print_json(data: dict) -> None:
     # Plain print: no rich wrapping or markup inside machine output.
-    print(json.dumps(data, indent=2, default=str, allow_nan=True))
+    print(json.dumps(manifest.finite(data), indent=2, default=str, allow_nan=False))
 
 
 def error(message: str, hint: str | None = None) -> None:

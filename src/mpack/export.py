@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -380,7 +379,7 @@ def _check_output(output: Path) -> None:
 
 def _publish_dir(output: Path, write) -> None:
     """Build the tree in a private directory beside ``output``, then rename it into place."""
-    work = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.mpack-"))
+    work = manifest.private_dir(output)
     try:
         tree = work / "tree"
         tree.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +36,21 @@ def parity_cases(specs: list[TensorSpec], batch_sizes: tuple[int, ...] = DEFAULT
     """Size cases that tell a truly dynamic export from one that froze a dim.
 
     Each case differs from the others in every symbolic dim: the batch dim takes each of ``batch_sizes`` and every
-    other symbolic dim alternates between its example size and a second, larger size.
+    other symbolic dim alternates between its example size and a second, larger size. A model whose batch dim is
+    fixed still gets two cases when it has other symbolic dims (a frozen sequence length must show); a model with
+    no symbolic dim gets one.
     """
     batch = batch_dim_name(specs)
     dims = symbolic_dim_names(specs)
     if not dims:
         return [SizeCase({})]
+    count = len(batch_sizes) if batch else 2
     cases = []
-    for i, batch_size in enumerate(batch_sizes):
+    for i in range(count):
         sizes = {}
         for dim in dims:
             if dim == batch:
-                sizes[dim] = batch_size
+                sizes[dim] = batch_sizes[i]
             else:
                 base = example_size(specs, dim)
                 sizes[dim] = base if i % 2 == 0 else base + max(1, base // 2)
@@ -102,7 +106,7 @@ def load_samples(path: Path, specs: list[TensorSpec], what: str = "--data") -> l
             else:
                 with np.load(file, allow_pickle=False) as archive:
                     feeds.append({k: archive[k] for k in archive.files})
-        except (OSError, ValueError, EOFError, AttributeError) as exc:
+        except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile) as exc:
             raise InputFileError(f"{what} {file} is not an .npz (or .npy) file of arrays ({first_line(exc)})",
                                  hint="save it with numpy.savez(path, input_name=array, ...)") from None
     pairs = [(feed, file) for feed, file in zip(feeds, files) if feed]
@@ -126,6 +130,11 @@ def random_samples(specs: list[TensorSpec], count: int, batch: int = 1, seed: in
     if name:
         sizes[name] = batch
     return [random_feeds(specs, sizes, seed=seed + i) for i in range(count)]
+
+
+def sample_count(feeds: list[dict[str, np.ndarray]]) -> int:
+    """Samples in a list of feeds: the length of each feed's first input along its batch axis."""
+    return sum(len(next(iter(f.values()))) if next(iter(f.values())).ndim else 1 for f in feeds)
 
 
 def sha256_samples(feeds: list[dict[str, np.ndarray]]) -> str:

@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -826,8 +825,7 @@ def _verify(cfg: OptimizeConfig, src: Path, dest: Path, specs: list[TensorSpec],
     from mpack.backends.onnxruntime import OnnxRuntimeRunner
 
     tolerances = cfg.tolerances or (Tolerances(FP16_TOLERANCE) if cfg.float16 else Tolerances())
-    fixed_batch = not any(isinstance(d, str) for s in specs for d in s.shape[:1])
-    cases = parity_cases(specs, (cfg.batch_sizes[0],) if fixed_batch else cfg.batch_sizes)
+    cases = parity_cases(specs, cfg.batch_sizes)
     report = ParityReport(reference=f"input[{reference_provider}]", candidate=f"optimized[{cfg.provider}]")
     timing = None
     with OnnxRuntimeRunner(src, (reference_provider,)) as reference, \
@@ -882,7 +880,7 @@ def run(cfg: OptimizeConfig, progress: Callable[[str], None] | None = None) -> O
 
     external = bool(external_files(source)) or initializer_bytes(source) > EXTERNAL_DATA_THRESHOLD
     before = _op_counts(source.graph)
-    work = Path(tempfile.mkdtemp(dir=cfg.output.parent, prefix=f".{cfg.output.name}.mpack-"))
+    work = manifest.private_dir(cfg.output)
     try:
         current = cfg.model
         fusion_log: Counter = Counter()

@@ -23,7 +23,8 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class Tolerances:
-    """A global tolerance plus per-output overrides. An element passes when |a - b| <= atol + rtol * |b|."""
+    """A global tolerance plus per-output overrides. An element passes when |out - ref| <= atol + rtol * |ref|,
+    ``ref`` being the reference (source) value."""
 
     default: Tolerance = Tolerance()
     per_output: dict[str, Tolerance] = field(default_factory=dict)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import numpy as np
 from mpack import manifest
 from mpack._quiet import silenced
 from mpack.errors import ConfigError, InputFileError, MpackError, ParityError, first_line
-from mpack.inputs import load_samples, random_samples, sha256_samples
+from mpack.inputs import load_samples, random_samples, sample_count, sha256_samples
 from mpack.onnx_io import load_graph, read_facts
 from mpack.parity import Tolerance, compare_arrays
 
@@ -32,10 +31,6 @@ FORMATS = ("qdq", "qoperator")
 QTYPES = ("qint8", "quint8")
 RANDOM_CALIBRATION_SAMPLES = 32
 
-# Ops that mark a model as already quantized.
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                 "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QGemm", "QEmbedLayerNormalization",
-                 "DynamicQuantizeLSTM", "MatMulNBits"}
 # Weighted ops ONNX Runtime quantizes; a graph without any of them (with a float weight) has nothing to quantize.
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization",
                 "Gather"}
@@ -177,7 +172,21 @@ class QuantizeResult:
 
 
 class BudgetError(ParityError):
-    """The INT8 model misses the accuracy budget even with the fallback; nothing is written."""
+    """The INT8 model misses the accuracy budget even with the fallback; nothing is written.
+
+    ``report`` is a :class:`BudgetReport`, printed with ``--json``.
+    """
+
+
+@dataclass
+class BudgetReport:
+    budget: Budget
+    attempts: list[Attempt]
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget.describe(), "attempts": [
+            {"excluded": a.excluded, "passed": a.passed, "accuracy": [x.to_dict() for x in a.accuracy]}
+            for a in self.attempts]}
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -231,8 +240,9 @@ def weighted_nodes(path: Path) -> set[str]:
 
 
 def _check_model(model, path: Path) -> None:
-    ops = {n.op_type for n in model.graph.node}
-    already = sorted(ops & QUANTIZED_OPS)
+    from mpack.optimize import is_quantized
+
+    already = is_quantized(model)
     if already:
         raise ConfigError("model", str(path), f"is already quantized (has {', '.join(already)})",
                           hint="quantize the float model it came from")
@@ -281,6 +291,8 @@ def _preprocess(src: Path, work: Path, notes: list[str]) -> Path:
             quant_pre_process(str(src), str(dest), auto_merge=True, save_as_external_data=_large(src),
                               all_tensors_to_one_file=True)
         return dest
+    except ImportError:
+        raise
     except Exception as exc:  # symbolic shape inference fails on some graphs; quantizing without it still works
         notes.append(f"ONNX Runtime pre-processing failed ({first_line(exc, 120)}); quantized the model as it is")
         return src
@@ -457,7 +469,7 @@ def run(cfg: QuantizeConfig, progress: Callable[[str], None] | None = None) -> Q
         validation, data_source = random_samples(specs, 8, batch=4, seed=cfg.seed), "seeded random inputs"
         notes.append("accuracy measured on seeded random inputs: pass --data for figures on real data")
 
-    work = Path(tempfile.mkdtemp(dir=cfg.output.parent, prefix=f".{cfg.output.name}.mpack-"))
+    work = manifest.private_dir(cfg.output)
     try:
         source = cfg.model
         if cfg.preprocess:
@@ -465,7 +477,7 @@ def run(cfg: QuantizeConfig, progress: Callable[[str], None] | None = None) -> Q
             source = _preprocess(cfg.model, work, notes)
         cache = None
         if mode == "static":
-            step(f"calibrating ({cfg.method}, {len(calibration)} samples)")
+            step(f"calibrating ({cfg.method}, {sample_count(calibration)} samples)")
             try:
                 cache = _calibrate(source, calibration, cfg.method, work)
             except MpackError:
@@ -492,7 +504,8 @@ def run(cfg: QuantizeConfig, progress: Callable[[str], None] | None = None) -> Q
                 break
             if ranking is None:
                 step("ranking nodes by sensitivity")
-                quantizable = _quantizable_nodes(source)
+                # Dynamic mode quantizes weighted ops only: keeping anything else in float32 would change nothing.
+                quantizable = weighted_nodes(source) if mode == "dynamic" else _quantizable_nodes(source)
                 ranking = sensitivity_ranking(source, dest, validation, quantizable)
             more = _next_exclusion(excluded, ranking, cfg.max_excluded)
             if more is None:
@@ -504,6 +517,7 @@ def run(cfg: QuantizeConfig, progress: Callable[[str], None] | None = None) -> Q
                     f"{a.output} cosine {a.cosine:.4f}" + (f" top-1 {a.top1:.1%}" if a.top1 is not None else "")
                     for a in attempts[-1].accuracy)
                 + (f", even with {len(excluded)} nodes kept in float32" if excluded else ""),
+                report=BudgetReport(cfg.budget, attempts),
                 hint="loosen --max-drop, calibrate on representative --calibration data, try --method entropy, "
                      "or raise --max-excluded" if cfg.fallback else "drop --no-fallback to let mpack keep the most "
                                                                      "sensitive nodes in float32")
@@ -518,11 +532,12 @@ def run(cfg: QuantizeConfig, progress: Callable[[str], None] | None = None) -> Q
             "format": cfg.quant_format if mode == "static" else "qoperator (dynamic)",
             "per_channel": cfg.per_channel, "reduce_range": reduce_range, "activation_type": cfg.activation_type if mode == "static" else "dynamic",
             "weight_type": cfg.weight_type, "preprocessed": source != cfg.model,
-            "calibration": ({"source": cfg.calibration, "count": len(calibration),
+            "calibration": ({"source": cfg.calibration, "count": sample_count(calibration),
+                             "feeds": len(calibration),
                              "sha256": sha256_samples(calibration)} if calibration else None),
             "excluded_nodes": excluded, "quantized_ops": counts,
             "accuracy": [a.to_dict() for a in attempts[-1].accuracy], "budget": cfg.budget.describe(),
-            "validation": {"source": data_source, "count": len(validation)},
+            "validation": {"source": data_source, "count": sample_count(validation)},
             "size_before": _file_size(cfg.model), "size_after": result_size, "cpu_flags": flags,
         }
         _write_manifest(cfg, dest, record)
@@ -531,7 +546,7 @@ def run(cfg: QuantizeConfig, progress: Callable[[str], None] | None = None) -> Q
         shutil.rmtree(work, ignore_errors=True)
     return QuantizeResult(cfg.output, manifest.manifest_path_for(cfg.output), mode, reason, record["method"],
                           record["format"], cfg.per_channel, record["size_before"], result_size, counts,
-                          attempts[-1].accuracy, cfg.budget, excluded, attempts, len(validation), data_source, notes,
+                          attempts[-1].accuracy, cfg.budget, excluded, attempts, sample_count(validation), data_source, notes,
                           record["cpu_flags"])
 
 

@@ -191,8 +191,7 @@ def run(cfg: ValidateConfig, progress: Callable[[str], None] | None = None) -> V
         feeds = load_samples(cfg.data, specs, "--data")
         cases = [("data" if len(feeds) == 1 else f"data[{i}]", feed) for i, feed in enumerate(feeds)]
     else:
-        fixed_batch = not any(isinstance(d, str) for s in specs for d in s.shape[:1])
-        plan = parity_cases(specs, cfg.batch_sizes[:1] if fixed_batch else cfg.batch_sizes)
+        plan = parity_cases(specs, cfg.batch_sizes)
         cases = [(case.label, random_feeds(specs, case.sizes, seed=cfg.seed + i)) for i, case in enumerate(plan)]
 
     if cfg.source:

@@ -504,7 +504,12 @@ def _execute(cfg: BatchConfig, setup: _Setup, progress: Progress | None, started
     digest = _hash(params)
     state_path = state_path_for(cfg.output)
     parts_dir = parts_dir_for(cfg.output, single)
-    state = JobState.load(state_path)
+    try:
+        state = JobState.load(state_path)
+    except InputFileError:
+        if not cfg.restart:
+            raise
+        state = None  # --restart discards the record anyway, readable or not
     notes: list[str] = []
     if state is not None and state.data.get("params_hash") != digest and not cfg.restart:
         old = state.data.get("params", {})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import platform
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 from mpack import __version__, manifest
 from mpack._optional import distribution_version
 from mpack.convert.base import ExportedModel, ExportRequest
-from mpack.errors import ConfigError, InputFileError, ParityError
+from mpack.errors import ConfigError, InputFileError, MpackError, ParityError, first_line
 from mpack.inputs import DEFAULT_BATCH_SIZES, parity_cases, random_feeds
 from mpack.onnx_io import OnnxFacts, finalize
 from mpack.parity import ParityReport, Tolerances, compare_outputs
@@ -196,12 +195,18 @@ def check_parity(exported: ExportedModel, onnx_path: Path, tolerances: Tolerance
     from mpack.backends.onnxruntime import OnnxRuntimeRunner
 
     report = ParityReport(reference=exported.framework, candidate="onnxruntime[cpu]")
-    fixed_batch = not any(isinstance(d, str) for s in exported.input_specs for d in s.shape[:1])
-    cases = parity_cases(exported.input_specs, (batch_sizes[0],) if fixed_batch else batch_sizes)
+    cases = parity_cases(exported.input_specs, batch_sizes)
     with OnnxRuntimeRunner(onnx_path) as ort_runner, exported.source_runner as source:
         for i, case in enumerate(cases):
             feeds = random_feeds(exported.input_specs, case.sizes, seed=seed + i)
-            reference = source.infer(feeds)
+            try:
+                reference = source.infer(feeds)
+            except MpackError:
+                raise
+            except Exception as exc:  # the user's model rejects this size: a finding, not a crash
+                report.errors.append(f"{case.label}: the {exported.framework} model itself failed: "
+                                     f"{type(exc).__name__}: {first_line(exc, 200)}")
+                continue
             try:
                 candidate = ort_runner.infer(feeds)
             except Exception as exc:  # ORT run failures (e.g. a frozen reshape) are parity failures, not crashes
@@ -223,7 +228,7 @@ def run(cfg: ConvertConfig, progress: Callable[[str], None] | None = None) -> Co
     if cfg.weights is not None and kind != "entry-point":
         raise ConfigError("--weights", str(cfg.weights), "applies to package.module:factory entry points only")
     seconds: dict[str, float] = {}
-    work = Path(tempfile.mkdtemp(dir=cfg.output.parent, prefix=f".{cfg.output.name}.mpack-"))
+    work = manifest.private_dir(cfg.output)
     try:
         step(f"exporting {kind} model")
         t0 = time.perf_counter()

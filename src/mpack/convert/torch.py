@@ -102,7 +102,7 @@ def _load_weights(module, weights: Path) -> None:
         if not isinstance(state, dict):
             raise ValueError(f"it holds a {type(state).__name__}, not a state_dict")
         module.load_state_dict(state)
-    except (RuntimeError, ValueError, EOFError, OSError) as exc:
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise ConfigError("--weights", str(weights), f"does not fit the module: {first_line(exc)}",
                           hint="save it with torch.save(model.state_dict(), path) from the same architecture") from None
 
