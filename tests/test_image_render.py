@@ -464,3 +464,30 @@ def test_context_only_refuses_a_folder_with_files(tmp_path, mlp_model):
                    tmp_path / "ctx")
     assert_clean_error(result, 2, "--context-only", "not an empty folder")
     assert [p.name for p in (tmp_path / "ctx").iterdir()] == ["keep.txt"]
+
+
+def test_image_serves_the_primary_mpack_serve_would_choose(tmp_path, mlp_model):
+    """Without a primary in the file, mpack serve takes the first version ("2" here); the image's deploy.json sorts
+    its keys, so it names that primary explicitly instead of letting "1" come first."""
+    from fixtures.onnx_models import mlp
+    from mpack.serving.config import load_config
+
+    mlp(tmp_path / "mlp-v2.onnx", hidden=16)
+    deploy = tmp_path / "mpack.deploy.json"
+    deploy.write_text(json.dumps({"models": {"mlp": {"versions": {"2": "mlp-v2.onnx", "1": str(mlp_model)}},
+                                             "other": str(mlp_model)}}))
+    assert load_config(config_file=deploy, env={}).model("mlp").primary == "2"
+    models, document = image_context.gather_models(deploy)
+    doc = image_context.image_deploy_document(document, models)
+    text = render.environment((templates_dir(),)).get_template("deploy.json.j2").render(
+        ctx=type("Ctx", (), {"deploy_document": doc})())
+    # the rendered document, with the image's model paths pointing at copies on this machine
+    for model in models:
+        dest = tmp_path / "image" / model.model.dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model.model.source, dest)
+    rendered_file = tmp_path / "deploy.json"
+    rendered_file.write_text(text.replace(image_context.APP_DIR + "/", str(tmp_path / "image") + "/"))
+    served = load_config(config_file=rendered_file, env={})
+    assert served.model("mlp").primary == "2" and served.model("other").primary == "1"
+    assert list(json.loads(text)["models"]["mlp"]["versions"]) == ["1", "2"]  # sorted: the primary is explicit

@@ -400,3 +400,83 @@ def test_many_small_requests_from_threads_stay_correct(server, models):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(call, range(len(inputs))))
     assert not errors
+
+
+def test_large_json_is_decoded_and_encoded_off_the_event_loop(models, monkeypatch):
+    """A large body is decoded in a thread (here: held there until /v2/health/live has answered, which a blocked
+    event loop could not do); small ones stay on the loop; large outputs and shadow comparisons run in threads."""
+    from mpack.serving import engine as engine_module
+    from mpack.serving import http_api
+
+    seen: dict[str, list[str]] = {"decode": [], "encode": [], "compare": []}
+    release = threading.Event()
+    real_decode, real_encode, real_compare = http_api.decode_rest, http_api.encode_rest, engine_module.compare_outputs
+
+    def decode(body, *args):
+        seen["decode"].append(threading.current_thread().name)
+        if len(body) > 1 << 20:
+            release.wait(10)  # a decode that takes a while
+        return real_decode(body, *args)
+
+    def encode(*args):
+        seen["encode"].append(threading.current_thread().name)
+        return real_encode(*args)
+
+    def compare(*args):
+        seen["compare"].append(threading.current_thread().name)
+        return real_compare(*args)
+
+    monkeypatch.setattr(http_api, "decode_rest", decode)
+    monkeypatch.setattr(http_api, "encode_rest", encode)
+    monkeypatch.setattr(engine_module, "compare_outputs", compare)
+    cfg = config((f"m:1={models['mlp']}", f"m:2={models['mlp_b']}"), shadow=("m:2",), grpc_port="off")
+    with ServerThread(cfg) as running:
+        address = running.http_address
+        x = RNG.standard_normal((2, 32)).astype(np.float32)
+        body = json.loads(json_infer_body(x))
+        body["parameters"] = {"padding": "x" * (2 << 20)}  # a 2 MiB body
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(post, address, "/v2/models/m/infer", json.dumps(body).encode())
+            deadline = time.monotonic() + 10
+            while not seen["decode"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            started = time.perf_counter()
+            status, _ = get(address, "/v2/health/live")
+            elapsed = time.perf_counter() - started
+            release.set()
+            assert status == 200 and elapsed < 5, elapsed
+            assert pending.result()[0] == 200
+        assert seen["decode"][0] != "mpack-serve"
+        assert infer_json(address, "m", x)[0] == 200  # small: decoded and encoded on the loop
+        assert seen["decode"][-1] == "mpack-serve" and seen["encode"][-1] == "mpack-serve"
+        monkeypatch.setattr(http_api, "OFFLOAD_BYTES", 16)  # now every output counts as large
+        assert infer_json(address, "m", x)[0] == 200
+        assert seen["encode"][-1] != "mpack-serve"
+        deadline = time.monotonic() + 10
+        while len(seen["compare"]) < 3:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.01)
+        assert "mpack-serve" not in seen["compare"]
+
+
+def test_max_concurrency_turns_excess_connections_away(models):
+    import socket
+
+    cfg = config((f"mlp={models['mlp']}",), grpc_port="off", max_concurrency=2)
+    assert config((f"mlp={models['mlp']}",), max_queue_size=50).concurrency_limit == 200  # default: 4 x the queue
+    with ServerThread(cfg) as running:
+        assert get(running.http_address, "/v2/health/live")[0] == 200
+        held = [socket.create_connection(("127.0.0.1", running.info.http_port)) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 10
+            while get(running.http_address, "/v2/health/live")[0] != 503:  # the two idle connections fill it
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while get(running.http_address, "/v2/health/live")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

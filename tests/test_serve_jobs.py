@@ -46,7 +46,8 @@ def client(redis_url):  # noqa: F811
 @pytest.fixture(scope="module")
 def server(models, redis_url, prefix):  # noqa: F811
     """The server, with a worker consuming the stream of mlp's unversioned jobs (versioned ones wait: no worker)."""
-    cfg = config((f"mlp={models['mlp']}",), grpc_port="off", queue=redis_url, queue_stream=prefix + ":{model}")
+    cfg = config((f"mlp={models['mlp']}",), grpc_port="off", queue=redis_url, queue_stream=prefix + ":{model}",
+                 callback_hosts="127.0.0.1")
     worker = queue.Worker(queue.WorkerConfig(model=models["mlp"], url=redis_url, stream=f"{prefix}:mlp",
                                              block_ms=100, max_wait_ms=1, consumer="w1"))
     worker.start()
@@ -153,6 +154,8 @@ def test_callback_url_receives_the_result_with_a_retry(server, models):
                 self.send_response(204)
             self.end_headers()
 
+        do_GET = do_POST  # urllib turns a followed 302 into a GET
+
         def log_message(self, *args):
             pass
 
@@ -194,6 +197,62 @@ def test_bad_input_is_the_same_400_as_infer_and_nothing_is_queued(server, client
     assert (infer_status, infer_answer) == (status, answer)
     assert (client.xlen(stream), metric(server.http_address, "mpack_jobs_submitted_total")) == before
     assert metric(server.http_address, 'mpack_jobs_rejected_total{model="mlp",reason="invalid"}') >= 1
+
+
+def _sink(status: int, headers: dict | None = None):
+    """A callback receiver on 127.0.0.1 answering ``status``: (server, URL, the X-Mpack-Job header of each call)."""
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            calls.append(self.headers.get("X-Mpack-Job"))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST  # urllib turns a followed 302 into a GET
+
+        def log_message(self, *args):
+            pass
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    return sink, f"http://127.0.0.1:{sink.server_address[1]}/results", calls
+
+
+def test_callback_hosts_outside_the_allowlist_are_refused(server, models, redis_url, prefix):  # noqa: F811
+    x = np.zeros((1, 32), np.float32)
+    for url in ("http://localhost:9/results", "http://169.254.169.254/latest/meta-data/", "https://10.0.0.1/"):
+        status, _, answer = submit(server.http_address, job_body(x, callback_url=url))
+        assert status == 400 and "not an allowed callback host" in answer["error"], answer
+    # a server with no callback_hosts refuses every callback URL, naming the setting
+    cfg = config((f"mlp={models['mlp']}",), grpc_port="off", queue=redis_url, queue_stream=prefix + "-nocb:{model}",
+                 warmup=False)
+    with ServerThread(cfg) as plain:
+        status, _, answer = submit(plain.http_address, job_body(x, callback_url="http://127.0.0.1:9/results"))
+        assert status == 400 and "--callback-host" in answer["error"] and "callback_hosts" in answer["error"]
+        assert submit(plain.http_address, job_body(x))[0] == 202  # jobs without a callback are fine
+
+
+def test_callback_redirects_are_not_followed(server):
+    target, target_url, target_calls = _sink(204)
+    redirect, url, calls = _sink(302, {"Location": target_url})
+    try:
+        status, _, accepted = submit(server.http_address, job_body(np.ones((1, 32), np.float32), callback_url=url))
+        assert status == 202, accepted
+        deadline = time.monotonic() + 15
+        while len(calls) < 3:  # every attempt answered 302: retried, never followed
+            assert time.monotonic() < deadline, calls
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert calls == [accepted["id"]] * 3 and target_calls == []
+    finally:
+        for sink in (target, redirect):
+            sink.shutdown()
+            sink.server_close()
 
 
 def test_bad_callback_url_unknown_model_and_unknown_job(server):

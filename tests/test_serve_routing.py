@@ -17,7 +17,8 @@ pytest.importorskip("onnxruntime")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
 from mpack.serving import ServerThread  # noqa: E402
-from tests.serve_helpers import config, factory, get, infer_json, make_models, ort_run, post  # noqa: E402
+from tests.serve_helpers import (  # noqa: E402
+    config, factory, get, infer_json, json_infer_body as json_body, make_models, ort_run, post)
 
 RNG = np.random.default_rng(1)
 
@@ -221,3 +222,54 @@ def test_concurrent_canary_traffic_keeps_answers_right(models):
 
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(call, inputs))
+
+
+def test_admin_endpoints_off_loopback_need_a_token(models):
+    cfg = config((f"m:1={models['mlp']}", f"m:2={models['mlp_b']}"), canary=("m:2=0",), host="0.0.0.0",
+                 grpc_port="off")
+    with ServerThread(cfg) as running:
+        address = f"127.0.0.1:{running.info.http_port}"
+        status, raw = get(address, "/admin/models/m/routing")
+        assert status == 403 and "--admin-token (MPACK_SERVE_ADMIN_TOKEN)" in json.loads(raw)["error"]
+        status, _, raw = post(address, "/admin/models/m/routing", b'{"canary_weight": 1}')
+        assert status == 403 and "--admin-token" in json.loads(raw)["error"]
+        assert running.engine.routing("m")["canary"]["weight"] == 0
+        assert infer_json(address, "m", np.ones((1, 32), np.float32))[0] == 200  # inference is not affected
+    # on loopback, without a token, the admin endpoints answer as before
+    loopback = config((f"m:1={models['mlp']}", f"m:2={models['mlp_b']}"), canary=("m:2=0",), grpc_port="off")
+    with ServerThread(loopback) as running:
+        assert get(running.http_address, "/admin/models/m/routing")[0] == 200
+        assert post(running.http_address, "/admin/models/m/routing", b'{"canary_weight": 1}')[0] == 200
+
+
+def test_bad_requests_routed_to_the_canary_do_not_roll_it_back(models, tmp_path):
+    deploy = tmp_path / "mpack.deploy.json"
+    deploy.write_text(json.dumps({"models": {"m": {
+        "versions": {"1": str(models["mlp"]), "2": str(models["mlp_b"])}, "primary": "1",
+        "canary": {"version": "2", "weight": "100%",
+                   "rollback": {"max_error_rate": "20%", "window_s": 60, "min_requests": 5}}}}}))
+    with ServerThread(config(config_file=deploy, grpc_port="off")) as running:
+        for _ in range(20):  # wrong shape: the client's fault, not the canary's
+            status, _, body = infer_json(running.http_address, "m", np.ones((1, 5), np.float32))
+            assert status == 400 and "shape" in body["error"], body
+        routing = running.engine.routing("m")["canary"]
+        assert routing["weight"] == 1.0 and routing["rolled_back"] is None
+        assert infer_json(running.http_address, "m", np.ones((1, 32), np.float32))[2]["model_version"] == "2"
+
+
+def test_shadow_traffic_has_its_own_queue(models, tmp_path):
+    """Mirrored requests overflowing the shadow's queue do not take the places of requests addressed to the
+    shadow version directly (/versions/2): those keep being answered."""
+    build = factory({"mlp_b.onnx": {"sleep_s": 0.2}})
+    deploy = tmp_path / "deploy.json"
+    deploy.write_text(json.dumps({"models": {"m": {
+        "versions": {"1": str(models["mlp"]), "2": str(models["mlp_b"])}, "shadow": {"version": "2"},
+        "batching": {"max_queue_size": 2, "max_batch_size": 1}}}}))
+    with ServerThread(config(config_file=deploy, grpc_port="off", warmup=False), runner_factory=build) as running:
+        x = np.ones((1, 32), np.float32)
+        for _ in range(8):  # 8 quick primary answers → 8 mirrored requests to a slow shadow, most of them dropped
+            assert infer_json(running.http_address, "m", x)[0] == 200
+        m = running.engine.metrics
+        assert m.shadow_dropped.get(("m", "2")) >= 1  # the shadow queue is full now
+        status, _, raw = post(running.http_address, "/v2/models/m/versions/2/infer", json_body(x))
+        assert status == 200, raw

@@ -74,6 +74,9 @@ def test_model_flags_and_defaults(onnx_files):
     ({"models": ("A={a}", "A:2={b}"), "ab": ("A:1=1",)}, "two or more"),
     ({"models": ("bad name={a}",)}, "may only use"),
     ({"models": ("A={a}",), "overrides": {"preferred_batch_sizes": "64", "max_batch_size": 8}}, "exceed"),
+    ({"models": ("A={a}", "A:2={b}"), "canary": ("A:2=10%",), "shadow": ("A:2",)}, "also takes live traffic"),
+    ({"models": ("A={a}", "A:2={b}"), "ab": ("A:1=1,2=1",), "shadow": ("A:2",)}, "also takes live traffic"),
+    ({"models": ("A={a}",), "overrides": {"callback_hosts": "http://x/"}}, "not a host name"),
 ])
 def test_config_errors_name_the_field(onnx_files, kwargs, needle):
     kwargs = dict(kwargs)
@@ -277,6 +280,32 @@ def test_rollback_guard_window():
     slow = RollbackGuard(RollbackSpec(max_p99_ms=5, min_requests=2))
     assert slow.record(True, 0.001, now=0) is None
     assert "p99" in slow.record(True, 0.5, now=1)
+
+
+def test_callback_hosts_and_concurrency_settings(onnx_files):
+    a = str(onnx_files / "a.onnx")
+    cfg = load_config((f"A={a}",), env={"MPACK_SERVE_CALLBACK_HOSTS": "Results.internal, 10.0.0.5"})
+    assert cfg.callback_hosts == ("results.internal", "10.0.0.5")
+    assert load_config((f"A={a}",), env={}).callback_hosts == ()  # none: every callback URL is refused
+    assert load_config((f"A={a}",), env={}, overrides={"callback_hosts": ("h1", "h2")}).callback_hosts == ("h1", "h2")
+    assert load_config((f"A={a}",), env={}, overrides={"max_queue_size": 100}).concurrency_limit == 400
+    assert load_config((f"A={a}",), env={}, overrides={"max_queue_size": 2}).concurrency_limit == 64  # the floor
+    assert load_config((f"A={a}",), env={"MPACK_SERVE_MAX_CONCURRENCY": "7"}).concurrency_limit == 7
+
+
+def test_rollback_guard_p99_is_not_recomputed_on_every_request(monkeypatch):
+    from mpack.serving.routing import RollbackGuard
+
+    guard = RollbackGuard(RollbackSpec(max_p99_ms=50, min_requests=5))
+    calls = []
+    real = guard._p99_ms
+    monkeypatch.setattr(guard, "_p99_ms", lambda: calls.append(1) or real())
+    for i in range(1000):  # 1000 fast canary requests within half a second
+        assert guard.record(True, 0.001, now=i / 2000) is None
+    assert 1 <= len(calls) <= 1000 // RollbackGuard.P99_EVERY + 1
+    # it still trips: once the slow outcomes are evaluated (a second later at the latest)
+    reasons = [guard.record(True, 0.5, now=1.0 + i / 10) for i in range(20)]
+    assert any(r and "p99" in r for r in reasons)
 
 
 def test_compare_outputs():

@@ -709,6 +709,12 @@ def serve(
     queue_max_jobs: Annotated[Optional[int], typer.Option(
         help="Waiting jobs at which more are refused (503). Default: the stream's bound (mpack worker "
              "--max-queue), else 1000.")] = None,
+    callback_host: Annotated[Optional[list[str]], typer.Option(
+        help="Host a job's parameters.callback_url may point at (repeat for more). Default: none (callback URLs "
+             "refused).")] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option(
+        help="Most connections/requests in flight per listener; past it 503 / RESOURCE_EXHAUSTED. Default 4 x "
+             "the versions' max-queue-size, at least 64.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved configuration as "
                                                                       "JSON and exit.")] = False,
 ) -> None:
@@ -726,7 +732,8 @@ def serve(
         "preferred_batch_sizes": preferred_batch_sizes, "instances": instances, "providers": providers,
         "threads": threads, "max_request_bytes": max_request_bytes, "access_log": access_log,
         "drain_timeout_s": drain_timeout, "drain_delay_s": drain_delay, "admin_token": admin_token, "queue": queue,
-        "queue_stream": queue_stream, "queue_max_jobs": queue_max_jobs}
+        "queue_stream": queue_stream, "queue_max_jobs": queue_max_jobs,
+        "callback_hosts": tuple(callback_host) if callback_host else None, "max_concurrency": max_concurrency}
     try:
         cfg = load_config(tuple(models or ()), config_file=config, overrides=overrides, canary=tuple(canary or ()),
                           shadow=tuple(shadow or ()), ab=tuple(ab or ()))

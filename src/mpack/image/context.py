@@ -261,6 +261,7 @@ def gather_models(source: Path, name: str | None = None) -> tuple[tuple[ServedMo
         except ServeConfigError as exc:
             raise ConfigError(f"{source.name}: {exc.field}", exc.value, exc.problem, hint=exc.hint) from None
         pairs = [(spec.name, version, path) for spec in config.models for version, path in spec.versions]
+        document = _with_primaries(document, {spec.name: spec.primary for spec in config.models})
     else:
         model_name = name or source.stem
         if not model_name or not all(c.isalnum() or c in "-_." for c in model_name):
@@ -273,6 +274,21 @@ def gather_models(source: Path, name: str | None = None) -> tuple[tuple[ServedMo
         model, files = _model_files(model_name, version, Path(path))
         served.append(ServedModel(model_name, version, model, files, _origin(Path(path))))
     return tuple(served), document
+
+
+def _with_primaries(document: dict, primaries: dict[str, str]) -> dict:
+    """``document`` with each model's ``primary`` written out as the server's loader chose it (the first version
+    when the file names none): the image's deploy.json sorts its keys, so an implicit primary would change."""
+    raw_models = document.get("models") or {}
+    if isinstance(raw_models, list):
+        raw_models = {str(m.get("name")): m for m in raw_models if isinstance(m, dict)}
+    models: dict = {}
+    for name, entry in raw_models.items():
+        entry = {"versions": {"1": entry}} if isinstance(entry, str) else dict(entry)
+        if str(name) in primaries:
+            entry["primary"] = primaries[str(name)]
+        models[name] = entry
+    return {**document, "models": models}
 
 
 def image_deploy_document(document: dict, models: tuple[ServedModel, ...]) -> dict:

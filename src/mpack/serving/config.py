@@ -5,7 +5,8 @@ Everything here is pure (no sockets, no ONNX Runtime), so ``mpack serve --help``
 
 Deployment file (YAML or JSON; paths are relative to the file)::
 
-    server:   {host: 127.0.0.1, http_port: 8000, grpc_port: 8001, threads: 1, queue: "redis://127.0.0.1:6379/0"}
+    server:   {host: 127.0.0.1, http_port: 8000, grpc_port: 8001, threads: 1, queue: "redis://127.0.0.1:6379/0",
+               callback_hosts: [results.internal]}
     batching: {max_batch_size: 32, max_queue_delay_ms: 5, max_queue_size: 256}
     models:
       cnn:
@@ -113,7 +114,8 @@ class ServeConfig:
         drain_timeout_s: On SIGTERM, how long in-flight requests may take before they are cut. Defaults to 30.
         drain_delay_s: On SIGTERM, how long to keep serving while reporting not-ready (lets a load balancer
             notice) before the listeners close. Defaults to 0.
-        admin_token: When set, the admin endpoints need ``Authorization: Bearer <token>``. Defaults to None.
+        admin_token: When set, the admin endpoints need ``Authorization: Bearer <token>``; when unset they answer
+            only on a loopback ``host`` (elsewhere 403). Defaults to None.
         warmup: Run every version once per warm-up batch size before reporting ready. Defaults to True.
         queue: Redis URL of the job queue behind ``POST /v2/models/{m}/jobs``; None turns the job endpoints off.
             Defaults to None.
@@ -121,6 +123,11 @@ class ServeConfig:
             (``/versions/{v}/jobs``) go to ``<stream>:<v>``. Defaults to "mpack:jobs:{model}".
         queue_max_jobs: Jobs waiting in a stream at which more are refused (503). Defaults to the bound
             ``mpack worker --max-queue`` stored for the stream, else 1000.
+        callback_hosts: Host names (or IP addresses) a job's ``parameters.callback_url`` may point at; empty refuses
+            every callback URL (400). Defaults to none.
+        max_concurrency: Most requests (REST connections and tasks, gRPC RPCs) in flight at once, each listener;
+            past it REST answers 503 and gRPC RESOURCE_EXHAUSTED. Defaults to 4 × the max_queue_size of every
+            served version together, at least 64.
     """
 
     models: tuple[ModelSpec, ...]
@@ -138,6 +145,15 @@ class ServeConfig:
     queue: str | None = None
     queue_stream: str = "mpack:jobs:{model}"
     queue_max_jobs: int | None = None
+    callback_hosts: tuple[str, ...] = ()
+    max_concurrency: int | None = None
+
+    @property
+    def concurrency_limit(self) -> int:
+        """max_concurrency, else 4 × the queue places of every served version together (idle keep-alive connections
+        count too, hence the floor of 64)."""
+        return self.max_concurrency or max(64, 4 * sum(m.batching.max_queue_size * len(m.versions)
+                                                       for m in self.models))
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
@@ -264,6 +280,20 @@ def _redis_url(name: str, value: Any) -> str | None:
     return url
 
 
+def _hosts(name: str, value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    hosts = []
+    for item in items:
+        host = str(item).strip().lower().strip("[]")
+        if not host:
+            continue
+        if any(c in host for c in "/:@ ") and not all(c in "0123456789abcdef:." for c in host):
+            raise ServeConfigError(name, value, f"{item!r} is not a host name", hint="e.g. results.internal")
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
     return tuple(sorted({_int(1)(name, v) for v in items}))
@@ -286,6 +316,8 @@ SERVER_SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "queue": _redis_url,
     "queue_stream": _str,
     "queue_max_jobs": _optional_int(1),
+    "callback_hosts": _hosts,
+    "max_concurrency": _optional_int(1),
 }
 BATCHING_SETTINGS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_size": _int(1),
@@ -576,6 +608,10 @@ def _build_model(name: str, entry: dict, defaults: BatchingSpec) -> ModelSpec:
     if canary is not None and ab is not None:
         raise ServeConfigError(f"{where}", "canary+ab", "takes a canary or an A/B split, not both",
                                hint="an A/B split with a small weight is a canary")
+    if shadow is not None and ((canary is not None and shadow.version == canary.version) or
+                               (ab is not None and shadow.version in dict(ab.split))):
+        raise ServeConfigError(f"{where} shadow", shadow.version, "also takes live traffic (canary or A/B split)",
+                               hint="shadow a version that is neither the canary nor in the A/B split")
     batching = replace(defaults, **entry.get("batching", {}))
     if batching.preferred_batch_sizes and max(batching.preferred_batch_sizes) > batching.max_batch_size:
         raise ServeConfigError(f"{where} preferred_batch_sizes", list(batching.preferred_batch_sizes),

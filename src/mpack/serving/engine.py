@@ -12,13 +12,16 @@ from pathlib import Path
 from mpack.serving.batcher import Batcher, BatchStats, QueueFullError
 from mpack.serving.config import ModelSpec, ServeConfig
 from mpack.serving.errors import (
-    ForbiddenError, InvalidInputError, ModelNotFoundError, ServeConfigError, ServingError, UnavailableError)
+    ForbiddenError, InvalidInputError, ModelNotFoundError, ModelRunError, ServeConfigError, ServingError,
+    UnavailableError)
 from mpack.serving.metrics import ServingMetrics
 from mpack.serving.model import ModelVersion, OrtRunner, RunnerFactory
 from mpack.serving.protocol import InferRequest, InferResponse
 from mpack.serving.routing import JsonlLog, Router, compare_outputs
 
 log = logging.getLogger("mpack.serving")
+
+SHADOW_QUEUE_SIZE = 64  # most mirrored requests waiting for the shadow's own thread; more are dropped (counted)
 
 
 class Health(enum.Enum):
@@ -49,6 +52,7 @@ class LoadedModel:
     versions: dict[str, LoadedVersion]
     router: Router
     shadow_log: JsonlLog | None = None
+    shadow_batcher: Batcher | None = None  # mirrored traffic's own queue and thread, apart from the version's
 
 
 def default_runner_factory(path: Path, providers: tuple[str, ...], threads: int) -> OrtRunner:
@@ -118,6 +122,14 @@ class Engine:
                 "model": spec.name, "version": version, "path": str(path), "providers": list(runner.providers),
                 "max_batch_size": model.max_batch_size, "load_ms": round((time.perf_counter() - started) * 1e3, 1)}})
         loaded = LoadedModel(spec, versions, Router(spec))
+        if spec.shadow is not None:
+            # Its own small queue and worker thread on the shadow version's session: mirrored traffic never takes
+            # a place in the queue of requests addressed to that version (/versions/{v}), nor waits behind them.
+            model = versions[spec.shadow.version].model
+            loaded.shadow_batcher = Batcher(
+                model.run, max_batch_size=model.max_batch_size, max_queue_delay_ms=spec.batching.max_queue_delay_ms,
+                max_queue_size=min(spec.batching.max_queue_size, SHADOW_QUEUE_SIZE), instances=1,
+                batchable=model.batchable, name=f"{spec.name}-{spec.shadow.version}-shadow")
         if spec.shadow is not None and spec.shadow.log is not None:
             loaded.shadow_log = JsonlLog(spec.shadow.log)
         if spec.canary is not None:
@@ -144,7 +156,8 @@ class Engine:
         try:
             await asyncio.wait_for(asyncio.gather(
                 *(v.batcher.drain() for m in self.models.values() for v in m.versions.values()),
-                *list(self._shadow_tasks)), timeout)
+                *list(self._shadow_tasks),
+                *(m.shadow_batcher.drain() for m in self.models.values() if m.shadow_batcher is not None)), timeout)
         except asyncio.TimeoutError:
             log.warning("drain timed out", extra={"fields": {"timeout_s": timeout}})
         for loaded in self.models.values():
@@ -240,7 +253,8 @@ class Engine:
             self._count(labels, started, exc)
             if isinstance(exc, QueueFullError):
                 self.metrics.rejected.inc((request.model, version))
-            elif route == "canary":  # queue-full is load, not a fault of the candidate
+            elif route == "canary" and (isinstance(exc, ModelRunError) or exc.http_status >= 500):
+                # only the candidate's own failures count: a client's bad request or a full queue is no fault of it
                 self._canary_outcome(loaded, False, time.perf_counter() - started)
             raise
         latency = time.perf_counter() - started
@@ -308,10 +322,14 @@ class Engine:
                                                                 "reason": reason}})
 
     def check_admin(self, token: str | None) -> None:
-        """Raises ForbiddenError when an admin token is configured and ``token`` is not it."""
+        """Raises ForbiddenError when an admin token is configured and ``token`` is not it, or when none is
+        configured and the server listens beyond loopback (anyone who can reach it could reroute traffic)."""
         import hmac
 
         expected = self.config.admin_token
+        if expected is None and not _is_loopback(self.config.host):
+            raise ForbiddenError(f"admin endpoints are off on a server listening on {self.config.host} without an "
+                                 "admin token: set --admin-token (MPACK_SERVE_ADMIN_TOKEN)")
         if expected is not None and not hmac.compare_digest((token or "").encode(), expected.encode()):
             raise ForbiddenError("admin endpoints need Authorization: Bearer <admin token>")
 
@@ -394,7 +412,8 @@ class Engine:
         try:
             target = loaded.versions[version]
             size, key = target.model.check(request.inputs)
-            outputs = await target.batcher.submit(request.inputs, size, key)
+            batcher = loaded.shadow_batcher or target.batcher
+            outputs = await batcher.submit(request.inputs, size, key)
         except QueueFullError:
             m.shadow_dropped.inc(labels)
             return
@@ -406,18 +425,20 @@ class Engine:
             self._shadow_record(loaded, record)
             return
         latency = time.perf_counter() - started
-        m.shadow_requests.inc(labels)
-        m.shadow_latency.observe(labels, latency)
         try:
-            report = compare_outputs(primary_outputs, outputs)
+            report = await asyncio.to_thread(compare_outputs, primary_outputs, outputs)  # off the loop: big outputs
         except Exception as exc:  # noqa: BLE001
+            m.shadow_requests.inc(labels)
+            m.shadow_latency.observe(labels, latency)
             m.shadow_errors.inc(labels)
             record.update(shadow_ms=round(latency * 1e3, 3), error=f"comparison failed: {exc}")
             self._shadow_record(loaded, record)
             return
+        m.shadow_latency.observe(labels, latency)
         m.shadow_max_abs.observe(labels, report["max_abs"])
         m.shadow_top1_agree.inc(labels, report["top1_agree"])
         m.shadow_top1_samples.inc(labels, report["top1_samples"])
+        m.shadow_requests.inc(labels)  # N.B. last: whoever sees the request counted sees its comparison too
         record.update(shadow_ms=round(latency * 1e3, 3), max_abs=report["max_abs"], cosine=report["cosine"],
                       top1_agreement=(report["top1_agree"] / report["top1_samples"]
                                       if report["top1_samples"] else None),
@@ -428,6 +449,17 @@ class Engine:
     def _shadow_record(loaded: LoadedModel, record: dict) -> None:
         if loaded.shadow_log is not None:
             loaded.shadow_log.append(record)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_outputs(request: InferRequest, target: LoadedVersion) -> None:

@@ -172,8 +172,10 @@ async def _abort(context, exc: ServingError):
     await context.abort(getattr(grpc.StatusCode, exc.grpc_code), _text(exc))
 
 
-def make_grpc_server(engine: Engine, *, max_request_bytes: int) -> grpc.aio.Server:
-    """A grpc.aio server with the V2 service registered; add a port and start it on the running loop."""
+def make_grpc_server(engine: Engine, *, max_request_bytes: int, max_concurrent_rpcs: int | None = None) \
+        -> grpc.aio.Server:
+    """A grpc.aio server with the V2 service registered; add a port and start it on the running loop. Past
+    ``max_concurrent_rpcs`` RPCs in flight, new ones fail RESOURCE_EXHAUSTED. Defaults to no limit."""
     service = _Service(engine)
 
     def unary(fn, request_type, response_type):
@@ -196,6 +198,6 @@ def make_grpc_server(engine: Engine, *, max_request_bytes: int) -> grpc.aio.Serv
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", max(max_request_bytes, 64 * 1024 * 1024)),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it silently
-    ])
+    ], maximum_concurrent_rpcs=max_concurrent_rpcs)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     return server

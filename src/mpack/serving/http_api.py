@@ -6,6 +6,7 @@ Starlette and FastAPI were measured at 2.4x and 3.6x slower than a plain ASGI ap
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from typing import Awaitable, Callable
 from mpack.serving.engine import Engine
 from mpack.serving.errors import (
     InvalidInputError, MethodNotAllowedError, ModelNotFoundError, PayloadTooLargeError, ServingError)
-from mpack.serving.job_api import disabled
+from mpack.serving.job_api import OFFLOAD_BYTES, disabled
 from mpack.serving.protocol import decode_rest, encode_rest, error_body
 
 log = logging.getLogger("mpack.serving")
@@ -23,6 +24,7 @@ access = logging.getLogger("mpack.serving.access")
 JSON = b"application/json"
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]  # no "statistics": perf_analyzer would poll /stats
 
+_JSON_BYTES_PER_BYTE = 4  # an output array's JSON text is a few times its nbytes (binary: about 1)
 Send = Callable[[dict], Awaitable[None]]
 
 
@@ -128,7 +130,7 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True,
                 if jobs is None:
                     raise disabled()
                 info["job"] = parts[1]
-                return await _respond(send, 200, json.dumps(await jobs.get(parts[1])).encode())
+                return await _respond(send, 200, await jobs.get(parts[1]))
         elif path == "/metrics":
             _method(method, "GET")
             return await _respond(send, 200, engine.metrics.render().encode(),
@@ -150,13 +152,15 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True,
 
     async def _infer(scope: dict, receive, send: Send, name: str, version: str | None, info: dict) -> int:
         body = await _read_body(receive, max_request_bytes, _content_length(scope))
-        request = decode_rest(body, _header_length(scope), name, version)
+        request = await _offload(len(body), decode_rest, body, _header_length(scope), name, version)
         key_header = engine.key_header(name)
         if key_header is not None:
             request.routing_key = _header(scope, key_header.encode())
         response = await engine.infer(request)
         info.update(version=response.version, route=response.route, bytes_in=len(body))
-        payload, json_length = encode_rest(response, request, engine.output_types(name, response.version))
+        payload, json_length = await _offload(
+            _JSON_BYTES_PER_BYTE * sum(getattr(a, "nbytes", 0) for a in response.outputs.values()),
+            encode_rest, response, request, engine.output_types(name, response.version))
         headers = [(b"x-mpack-version", response.version.encode()), (b"x-mpack-route", response.route.encode())]
         if json_length is not None:
             headers.append((b"inference-header-content-length", str(json_length).encode()))
@@ -173,6 +177,14 @@ def make_app(engine: Engine, *, max_request_bytes: int, access_log: bool = True,
                               [(b"location", accepted["location"].encode())])
 
     return app
+
+
+async def _offload(size: int, fn: Callable, *args):
+    """``fn(*args)``, in a thread when ``size`` (bytes of JSON, about) is over OFFLOAD_BYTES: decoding or encoding
+    megabytes of JSON takes a good part of a second, during which the event loop would answer nothing else."""
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def _header_length(scope: dict) -> int | None:

@@ -7,7 +7,8 @@ answers ``{"id", "status": queued|running|done|failed, ...}``, with the outputs 
 once done. Redis calls block, so they run on a small thread pool of their own, never on the event loop.
 
 A background task watches the jobs this server accepted (until they finish): it counts completions for /metrics
-and POSTs the answer to the job's ``parameters.callback_url``, best-effort — a few attempts with back-off, from the
+and POSTs the answer to the job's ``parameters.callback_url`` (only to the hosts of ``callback_hosts``; redirects
+are not followed), best-effort — a few attempts with back-off, from the
 server process that accepted the job, so a restart of that process loses the callbacks still due.
 """
 
@@ -18,6 +19,8 @@ import json
 import logging
 import re
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +42,7 @@ POLL_INTERVAL_S = 0.2  # how soon a finished job's callback goes out (and its co
 CALLBACK_ATTEMPTS = 3
 CALLBACK_BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5 s, 1 s
 CALLBACK_TIMEOUT_S = 5.0
+OFFLOAD_BYTES = 1 << 20  # request bodies larger than this are decoded in a thread, off the event loop
 MAX_WATCHED = 100_000  # jobs watched at once; past it new jobs with a callback are refused (503)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _V2_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -115,9 +119,12 @@ class JobService:
                 unreachable, server starting).
         """
         try:
-            request = decode_rest(body, header_length, name, version)
+            if len(body) > OFFLOAD_BYTES:  # decoding megabytes of JSON would stall every other request
+                request = await asyncio.to_thread(decode_rest, body, header_length, name, version)
+            else:
+                request = decode_rest(body, header_length, name, version)
             checked_version = self.engine.check(request)
-            callback_url = _callback_url(request.parameters.get("callback_url"))
+            callback_url = _callback_url(request.parameters.get("callback_url"), self.config.callback_hosts)
         except InvalidInputError:
             if name in self.engine.models:  # known models only: URL paths must not mint label values
                 self.metrics.jobs_rejected.inc((name, "invalid"))
@@ -146,8 +153,8 @@ class JobService:
             self.watched[job_id] = _Watched(stream, name, checked_version, callback_url)
         return {"id": job_id, "status": "queued", "location": f"/v2/jobs/{job_id}"}
 
-    async def get(self, job_id: str) -> dict:
-        """The job's state, and its outputs or error once finished.
+    async def get(self, job_id: str) -> bytes:
+        """The job's state, and its outputs or error once finished: the JSON body (built off the event loop).
 
         Raises:
             ServingError: 404 for an unknown (or expired) job, 503 when Redis cannot be reached.
@@ -160,7 +167,10 @@ class JobService:
 
         def lookup():
             stream = watched.stream if watched else jobs.find_stream(job_id, self.streams(), client=self.client)
-            return None if stream is None else jobs.poll(job_id, stream=stream, client=self.client)
+            if stream is None:
+                return None
+            # N.B. in this thread, not on the loop: a large result takes a while to turn into JSON.
+            return json.dumps(answer(job_id, *jobs.poll(job_id, stream=stream, client=self.client))).encode()
 
         try:
             found = await self._redis(lookup)
@@ -170,7 +180,7 @@ class JobService:
             raise _serving_error(exc) from None
         if found is None:
             raise unknown
-        return answer(job_id, *found)
+        return found
 
     # ---- watching and callbacks ---------------------------------------------------------------------------------
 
@@ -227,8 +237,8 @@ class JobService:
     async def _deliver(self, job_id: str, watched: _Watched) -> None:
         fields = {"job": job_id, "url": watched.callback_url}
         try:
-            body = json.dumps(answer(job_id, *await self._redis(jobs.poll, job_id, stream=watched.stream,
-                                                                client=self.client))).encode()
+            body = await self._redis(lambda: json.dumps(answer(job_id, *jobs.poll(
+                job_id, stream=watched.stream, client=self.client))).encode())
         except Exception as exc:  # noqa: BLE001 - best-effort: logged and counted
             self.metrics.job_callbacks.inc(("failed",))
             log.warning("callback failed", extra={"fields": {**fields, "error": _first_line(exc)}})
@@ -318,27 +328,45 @@ def _guard(fn: Callable, *args, **kwargs):
                                          hint="is Redis up? see the server's --queue") from None
 
 
-def _post(url: str, body: bytes, job_id: str) -> int:
-    import urllib.error
-    import urllib.request
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the 3xx it is (a failed attempt): following it could lead to any host."""
 
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _post(url: str, body: bytes, job_id: str) -> int:
     request = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": "mpack-serve", "X-Mpack-Job": job_id})
     try:
-        with urllib.request.urlopen(request, timeout=CALLBACK_TIMEOUT_S) as response:
+        with _OPENER.open(request, timeout=CALLBACK_TIMEOUT_S) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
 
 
-def _callback_url(value) -> str | None:
+def _callback_url(value, allowed_hosts: tuple[str, ...]) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value) if isinstance(value, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or len(value) > 2048 or \
+    if not allowed_hosts:
+        raise InvalidInputError("parameters.callback_url is refused: this server allows no callback hosts",
+                                hint="start it with --callback-host HOST (MPACK_SERVE_CALLBACK_HOSTS, or "
+                                     "server.callback_hosts in the deployment file)")
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        hostname = parts.hostname if parts is not None else None
+    except ValueError:
+        parts = hostname = None
+    if parts is None or parts.scheme not in ("http", "https") or not hostname or len(value) > 2048 or \
             any(ord(c) < 33 for c in value):
         raise InvalidInputError(f"parameters.callback_url {value!r} is not an http(s) URL",
                                 hint="e.g. http://client.internal:9000/results")
+    if hostname.lower() not in allowed_hosts:
+        raise InvalidInputError(f"parameters.callback_url host {hostname!r} is not an allowed callback host",
+                                hint=f"callback_hosts (--callback-host): {', '.join(allowed_hosts)}")
     return value
 
 

@@ -95,10 +95,17 @@ class Router:
 class RollbackGuard:
     """Watches the canary's outcomes over a sliding time window and trips once a bound is exceeded."""
 
+    # The p99 is a percentile over the whole window (up to 100k latencies): recomputing it on every canary request
+    # cost more than the request. It is re-evaluated at most once a P99_INTERVAL_S, or after P99_EVERY new outcomes.
+    P99_INTERVAL_S = 1.0
+    P99_EVERY = 100
+
     def __init__(self, spec: RollbackSpec) -> None:
         self.spec = spec
         self.window: deque[tuple[float, bool, float]] = deque()  # (time, ok, latency_s)
         self.errors = 0
+        self._p99_at: float | None = None  # when the p99 was last evaluated
+        self._since_p99 = 0  # outcomes recorded since
 
     def record(self, ok: bool, latency_s: float, now: float | None = None) -> str | None:
         """Add one canary outcome; returns the reason when the canary must be rolled back, else None."""
@@ -116,15 +123,22 @@ class RollbackGuard:
         if self.spec.max_error_rate is not None and self.errors / count > self.spec.max_error_rate:
             return (f"error rate {self.errors / count:.1%} over the last {count} canary requests exceeds "
                     f"{self.spec.max_error_rate:.1%}")
-        if self.spec.max_p99_ms is not None:
-            p99 = float(np.percentile([w[2] for w in self.window], 99)) * 1000
+        self._since_p99 += 1
+        if self.spec.max_p99_ms is not None and (
+                self._p99_at is None or now - self._p99_at >= self.P99_INTERVAL_S or self._since_p99 >= self.P99_EVERY):
+            self._p99_at, self._since_p99 = now, 0
+            p99 = self._p99_ms()
             if p99 > self.spec.max_p99_ms:
                 return f"p99 {p99:.1f} ms over the last {count} canary requests exceeds {self.spec.max_p99_ms:g} ms"
         return None
 
+    def _p99_ms(self) -> float:
+        return float(np.percentile([w[2] for w in self.window], 99)) * 1000
+
     def reset(self) -> None:
         self.window.clear()
         self.errors = 0
+        self._p99_at, self._since_p99 = None, 0
 
     def describe(self) -> dict:
         return {"max_error_rate": self.spec.max_error_rate, "max_p99_ms": self.spec.max_p99_ms,

@@ -122,13 +122,15 @@ async def run_server(config: ServeConfig, *, runner_factory: RunnerFactory | Non
         make_app(engine, max_request_bytes=config.max_request_bytes, access_log=config.access_log, jobs=jobs),
         http="httptools" if _has("httptools") else "auto", lifespan="off", access_log=False, log_config=None,
         log_level="warning", timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)) or None,
-        server_header=False, proxy_headers=False)  # no X-Forwarded-* rewriting: one middleware less per request
+        server_header=False, proxy_headers=False,  # no X-Forwarded-* rewriting: one middleware less per request
+        limit_concurrency=config.concurrency_limit)  # connections + requests in flight; past it: 503
     http_server = _uvicorn_server(uv_config)
     grpc_server, grpc_port = None, None
     if config.grpc_port is not None:
         from mpack.serving.grpc_api import make_grpc_server
 
-        grpc_server = make_grpc_server(engine, max_request_bytes=config.max_request_bytes)
+        grpc_server = make_grpc_server(engine, max_request_bytes=config.max_request_bytes,
+                                       max_concurrent_rpcs=config.concurrency_limit)
         address = f"[{config.host}]:{config.grpc_port}" if ":" in config.host else f"{config.host}:{config.grpc_port}"
         try:
             grpc_port = grpc_server.add_insecure_port(address)
