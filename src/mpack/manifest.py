@@ -107,6 +107,25 @@ def append_step(model: Path, step: str, record: dict) -> dict:
     return data
 
 
+def check_output(output: Path, example: str, source: Path | None = None) -> None:
+    """The checks every command that writes a model makes on ``-o`` before doing any work.
+
+    Raises:
+        ConfigError: not a .onnx name, a missing directory, a directory, or the input model itself.
+    """
+    from mpack.errors import ConfigError
+
+    if not output.name.endswith(".onnx"):
+        raise ConfigError("--output", str(output), "must end in .onnx", hint=f"e.g. -o {example}")
+    if not output.parent.is_dir():
+        raise ConfigError("--output", str(output), f"directory {output.parent} does not exist",
+                          hint=f"create it first: mkdir -p {output.parent}")
+    if output.is_dir():
+        raise ConfigError("--output", str(output), "is a directory", hint="name the .onnx file to write")
+    if source is not None and source.exists() and output.exists() and output.resolve() == source.resolve():
+        raise ConfigError("--output", str(output), "is the input model", hint=f"write it beside, e.g. -o {example}")
+
+
 def private_dir(output: Path) -> Path:
     """A new private directory beside ``output`` to build it in (same filesystem, so publishing is a rename).
 

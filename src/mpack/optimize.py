@@ -440,16 +440,7 @@ def _missing_optimizer(exc: ImportError):
 
 
 def _check_config(cfg: OptimizeConfig) -> None:
-    if not cfg.output.name.endswith(".onnx"):
-        raise ConfigError("--output", str(cfg.output), "must end in .onnx", hint="e.g. -o model.opt.onnx")
-    if not cfg.output.parent.is_dir():
-        raise ConfigError("--output", str(cfg.output), f"directory {cfg.output.parent} does not exist",
-                          hint=f"create it first: mkdir -p {cfg.output.parent}")
-    if cfg.output.is_dir():
-        raise ConfigError("--output", str(cfg.output), "is a directory", hint="name the .onnx file to write")
-    if cfg.model.exists() and cfg.output.exists() and cfg.output.resolve() == cfg.model.resolve():
-        raise ConfigError("--output", str(cfg.output), "is the input model",
-                          hint="write the optimized model beside it, e.g. -o model.opt.onnx")
+    manifest.check_output(cfg.output, "model.opt.onnx", cfg.model)
     if cfg.level not in LEVELS:
         raise ConfigError("--level", cfg.level, f"is not one of {', '.join(LEVELS)}")
     if cfg.provider not in PROVIDERS:

@@ -234,9 +234,12 @@ def classify(model) -> tuple[str, str]:
 
 def weighted_nodes(path: Path) -> set[str]:
     """Names of the nodes ONNX Runtime can quantize that take a float weight (an initializer)."""
-    model = load_graph(path)
+    return {n.name for n in _weighted(load_graph(path))}
+
+
+def _weighted(model) -> list:
     float_weights = {t.name for t in model.graph.initializer if t.data_type in (1, 10, 11, 16)}
-    return {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and any(i in float_weights for i in n.input)}
+    return [n for n in model.graph.node if n.op_type in WEIGHTED_OPS and any(i in float_weights for i in n.input)]
 
 
 def _check_model(model, path: Path) -> None:
@@ -246,9 +249,7 @@ def _check_model(model, path: Path) -> None:
     if already:
         raise ConfigError("model", str(path), f"is already quantized (has {', '.join(already)})",
                           hint="quantize the float model it came from")
-    float_weights = {t.name for t in model.graph.initializer if t.data_type in (1, 10, 11, 16)}
-    weighted = [n for n in model.graph.node if n.op_type in WEIGHTED_OPS and any(i in float_weights for i in n.input)]
-    if not weighted:
+    if not _weighted(model):
         raise ConfigError("model", str(path), "has no float weights in ops ONNX Runtime quantizes "
                           f"({', '.join(sorted(WEIGHTED_OPS))})", hint="nothing to quantize here")
 
@@ -559,13 +560,7 @@ def _check_config(cfg: QuantizeConfig) -> None:
             raise ConfigError(name, value, f"is not one of {', '.join(allowed)}")
     if not cfg.model.is_file():
         raise InputFileError(f"{cfg.model} does not exist", hint="give the float .onnx model to quantize")
-    if not cfg.output.name.endswith(".onnx"):
-        raise ConfigError("--output", str(cfg.output), "must end in .onnx", hint="e.g. -o model.int8.onnx")
-    if not cfg.output.parent.is_dir():
-        raise ConfigError("--output", str(cfg.output), f"directory {cfg.output.parent} does not exist",
-                          hint=f"create it first: mkdir -p {cfg.output.parent}")
-    if cfg.output.resolve() == cfg.model.resolve():
-        raise ConfigError("--output", str(cfg.output), "is the input model", hint="write the INT8 model elsewhere")
+    manifest.check_output(cfg.output, "model.int8.onnx", cfg.model)
     if cfg.max_excluded < 0:
         raise ConfigError("--max-excluded", cfg.max_excluded, "must be >= 0")
 

@@ -151,13 +151,7 @@ def _torch_kind(path: Path) -> str:
 
 
 def _check_config(cfg: ConvertConfig) -> None:
-    if not cfg.output.name.endswith(".onnx"):
-        raise ConfigError("--output", str(cfg.output), "must end in .onnx", hint="e.g. -o model.onnx")
-    if not cfg.output.parent.is_dir():
-        raise ConfigError("--output", str(cfg.output), f"directory {cfg.output.parent} does not exist",
-                          hint=f"create it first: mkdir -p {cfg.output.parent}")
-    if cfg.output.is_dir():
-        raise ConfigError("--output", str(cfg.output), "is a directory", hint="name the .onnx file to write")
+    manifest.check_output(cfg.output, "model.onnx")
     if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
         raise ConfigError("--opset", cfg.opset, f"is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     if cfg.exporter not in EXPORTERS:
